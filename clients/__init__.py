@@ -1,0 +1,1 @@
+"""The programs people run: the command line, and (later) the recorder and the viewer."""

@@ -1,0 +1,146 @@
+"""Scoring parameters: every size in µm, every stain level in optical density (OD, log10 units).
+
+The models are frozen and reject unknown fields, so a typo in a config file is an error that names the field,
+not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Vector3 = tuple[float, float, float]
+PositiveUm = Annotated[float, Field(gt=0.0, le=1000.0)]
+OpticalDensity = Annotated[float, Field(gt=0.0, le=3.0)]
+Percent = Annotated[float, Field(ge=0.0, le=100.0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StainVectors(_Frozen):
+    """Optical-density colour vectors (R, G, B) of the two stains of a HER2 IHC slide.
+
+    The defaults are Ruifrok & Johnston's (2001) haematoxylin and DAB vectors. They differ between stain kits and
+    cameras; set measured ones per kit, or let the scorer estimate them from each image (Macenko et al. 2009).
+    """
+
+    haematoxylin: Vector3 = (0.650, 0.704, 0.286)
+    dab: Vector3 = (0.268, 0.570, 0.776)
+    estimate_from_image: bool = False
+
+    @model_validator(mode="after")
+    def _check_vectors(self) -> StainVectors:
+        for name in ("haematoxylin", "dab"):
+            vector = getattr(self, name)
+            if any(v < 0 for v in vector) or math.hypot(*vector) < 1e-6:
+                raise ValueError(f"{name} stain vector {vector} must be non-negative and non-zero")
+        h = _unit(self.haematoxylin)
+        d = _unit(self.dab)
+        cos = sum(a * b for a, b in zip(h, d, strict=True))
+        if cos > 0.99:
+            raise ValueError(
+                f"haematoxylin {self.haematoxylin} and DAB {self.dab} vectors are nearly parallel "
+                f"(cosine {cos:.3f}); the stains cannot be separated"
+            )
+        return self
+
+
+def _unit(v: Vector3) -> Vector3:
+    n = math.hypot(*v)
+    return (v[0] / n, v[1] / n, v[2] / n)
+
+
+class ScoringParams(_Frozen):
+    """Parameters of the per-FOV scoring pipeline (Ruifrok deconvolution → masks → membranes → nuclei → counts).
+
+    Sizes are in µm; the pixel size of the image (µm/px) is given with each image, not here, because it belongs
+    to the objective and camera.
+    """
+
+    stains: StainVectors = StainVectors()
+    analysis_pixel_size_um: PositiveUm = Field(
+        0.5,
+        description="Images finer than this are downsampled to it before analysis: membranes (~1 µm) stay "
+        "resolved and a 40x FOV is analysed four times faster.",
+    )
+    weak_threshold_od: OpticalDensity = Field(
+        0.10, description="DAB OD above which a pixel is stained at all (M_weak); ~barely perceptible brown."
+    )
+    membrane_width_um: PositiveUm = Field(
+        2.0,
+        description="Membranes are DAB ridges narrower than this. Diffuse cytoplasmic DAB, wider than it, is "
+        "subtracted first (white top-hat), so that it neither joins cells nor hides their outlines.",
+    )
+    min_membrane_fragment_um2: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
+        4.0,
+        description="Stained specks smaller than this (a 4 µm stretch of a 1 µm membrane) are noise, dust or "
+        "JPEG artefacts, not membrane staining, and are dropped from M_weak.",
+    )
+    default_intense_threshold_od: OpticalDensity = Field(
+        0.45, description="DAB OD for intense staining (M_intense) when no positive control was captured."
+    )
+    control_percentile_range: tuple[Percent, Percent] = Field(
+        (50.0, 95.0),
+        description="The intense threshold is the mean DAB OD of the control's stained membrane pixels whose OD "
+        "lies between these percentiles, times control_intense_fraction.",
+    )
+    control_intense_fraction: Annotated[float, Field(gt=0.0, le=2.0)] = Field(
+        0.6,
+        description="Intense threshold as a fraction of the control's typical membrane DAB OD: 3+ membranes of "
+        "the same batch stain at or above it along their whole ridge, 2+ membranes stay below.",
+    )
+    tumour_cell_diameter_um: PositiveUm = Field(12.0, description="Typical tumour cell diameter.")
+    min_cell_diameter_um: PositiveUm = Field(5.0, description="Smaller closed contours are not cells.")
+    max_cell_diameter_um: PositiveUm = Field(30.0, description="Larger closed contours are not cells.")
+    haematoxylin_threshold_od: OpticalDensity = Field(
+        0.12, description="H OD above which a pixel may be nuclear (nuclei are then found as local maxima)."
+    )
+    nucleus_diameter_um: PositiveUm = Field(6.0, description="Typical tumour nucleus diameter.")
+    tumour_region_closing_um: PositiveUm = Field(
+        8.0,
+        description="The tumour region is the stained area (nuclei and DAB) closed by this radius, which joins "
+        "the cells of a nest, ...",
+    )
+    tumour_region_opening_um: PositiveUm = Field(
+        14.0, description="... then opened by this radius, which removes sparse stroma nuclei and thin strands."
+    )
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ScoringParams:
+        if self.min_cell_diameter_um >= self.max_cell_diameter_um:
+            raise ValueError(
+                f"min_cell_diameter_um ({self.min_cell_diameter_um}) must be below "
+                f"max_cell_diameter_um ({self.max_cell_diameter_um})"
+            )
+        if not self.min_cell_diameter_um <= self.tumour_cell_diameter_um <= self.max_cell_diameter_um:
+            raise ValueError(
+                f"tumour_cell_diameter_um ({self.tumour_cell_diameter_um}) must lie between "
+                f"min_cell_diameter_um and max_cell_diameter_um"
+            )
+        low, high = self.control_percentile_range
+        if low >= high:
+            raise ValueError(f"control_percentile_range {self.control_percentile_range} must be (low, high)")
+        if self.weak_threshold_od >= self.default_intense_threshold_od:
+            raise ValueError(
+                f"weak_threshold_od ({self.weak_threshold_od}) must be below default_intense_threshold_od "
+                f"({self.default_intense_threshold_od}): M_intense must be a subset of M_weak"
+            )
+        return self
+
+
+class CaseRule(_Frozen):
+    """The ASCO/CAP 2018/2023 breast HER2 IHC rule over all tumour cells of a case (or of one FOV)."""
+
+    cutoff_percent: Percent = Field(10.0, description="The guideline's 10% of tumour cells.")
+    min_3plus_percent_for_2plus: Percent = Field(
+        1.0,
+        description="3+ cells in no more than cutoff_percent make the case 2+ (unusual pattern) only when they "
+        "reach this share; below it they are treated as isolated misclassifications.",
+    )
+    min_tumour_cells: Annotated[int, Field(ge=1)] = Field(
+        100, description="Fewer counted tumour cells than this give 'not assessable', never a guessed score."
+    )

@@ -1,0 +1,1 @@
+"""The long-running camera service: frame sources, capture, scoring worker, ZeroMQ publishing."""

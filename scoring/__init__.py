@@ -1,0 +1,40 @@
+"""Pure, explainable HER2 IHC scoring: arrays and frozen parameters in, frozen results out.
+
+No I/O, logging, clocks or sockets here; the daemon and the clients do those.
+"""
+
+from scoring.calibration import calibrate_from_control, weak_threshold_from_region
+from scoring.case import call_score, score_case
+from scoring.pipeline import FovAnalysis, analyse_fov, score_fov
+from scoring.results import (
+    CaseResult,
+    Cell,
+    ClassCounts,
+    ControlCalibration,
+    FovResult,
+    Her2Score,
+    Her2Status,
+    Her2ZeroSubtype,
+    ScoreCall,
+    ThresholdSource,
+)
+
+__all__ = [
+    "CaseResult",
+    "Cell",
+    "ClassCounts",
+    "ControlCalibration",
+    "FovAnalysis",
+    "FovResult",
+    "Her2Score",
+    "Her2Status",
+    "Her2ZeroSubtype",
+    "ScoreCall",
+    "ThresholdSource",
+    "analyse_fov",
+    "calibrate_from_control",
+    "call_score",
+    "score_case",
+    "score_fov",
+    "weak_threshold_from_region",
+]

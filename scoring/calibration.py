@@ -1,0 +1,148 @@
+"""Stain thresholds from the slide itself: the intense threshold from the positive control, the weak threshold
+from a region of typical weak staining.
+
+The positive control is 3+ tissue stained in the same batch, so its membranes show what "intense" looks like for
+this batch. Its stained membrane pixels are those of M_weak inside its tumour region. Their DAB OD spreads from
+the weak threshold (membrane edges, blurred) to the ridge of the membranes; the mean over the percentile range
+``control_percentile_range`` (default the 50th–95th, the upper half without the darkest outliers) is the typical
+membrane ridge OD of this batch. The intense threshold is ``control_intense_fraction`` of it: a 3+ membrane of
+the same batch stays above it along its whole ring, a moderately stained (2+) one does not. The control is then
+scored with its own threshold and must come out 3+ (quality control of the assay and of the chosen control).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from config.scoring import CaseRule, ScoringParams
+from scoring.pipeline import RowCol, analyse_fov, polygon_mask, prepare, stain_masks
+from scoring.results import ClassCounts, ControlCalibration, Her2Score, ThresholdSource
+
+#: Fewer stained membrane pixels than this area cannot calibrate anything (a few cells' worth).
+_MIN_MEMBRANE_AREA_UM2 = 200.0
+
+
+def calibrate_from_control(
+    image: npt.NDArray[np.generic],
+    pixel_size_um: float,
+    params: ScoringParams | None = None,
+    *,
+    region_polygon: Sequence[RowCol] | None = None,
+    rule: CaseRule | None = None,
+    channel_order: str = "RGB",
+) -> ControlCalibration:
+    """Derive the intense DAB threshold from a positive-control FOV and check that the control scores 3+.
+
+    Parameters
+    ----------
+    image : (M, N, 3) ndarray
+        The positive-control FOV; not modified.
+    pixel_size_um : µm per pixel of ``image``.
+    region_polygon : optional (row, col) polygon of the control to calibrate from (the pathologist's pick).
+
+    Raises
+    ------
+    ValueError
+        The control has too little stained membrane to calibrate from (blank field, wrong slide).
+    """
+    params = params or ScoringParams()
+    rule = rule or CaseRule()
+    analysis = prepare(image, pixel_size_um, params, channel_order)
+    px = analysis.pixel_size_um
+    masks = stain_masks(analysis, params, params.default_intense_threshold_od)
+    region = masks.tumour_region
+    if region_polygon is not None:
+        region = region & polygon_mask(region_polygon, analysis)
+        source = ThresholdSource.CONTROL_REGION
+    else:
+        source = ThresholdSource.CONTROL
+    membrane_od = analysis.densities.dab[masks.weak & region]
+    min_pixels = _MIN_MEMBRANE_AREA_UM2 / (px * px)
+    if membrane_od.size < min_pixels:
+        raise ValueError(
+            f"the positive control has {membrane_od.size * px * px:.0f} µm² of stained membrane, less than the "
+            f"{_MIN_MEMBRANE_AREA_UM2:.0f} µm² needed to calibrate: is this the control tissue, in focus?"
+        )
+    ridge = range_mean(membrane_od, params.control_percentile_range)
+    threshold = params.control_intense_fraction * ridge
+    warnings: list[str] = []
+    if threshold <= 1.5 * params.weak_threshold_od:
+        warnings.append(
+            f"the control's membranes are faint (ridge DAB OD {ridge:.2f}): intense threshold {threshold:.2f} is "
+            f"close to the weak threshold {params.weak_threshold_od:.2f}; check the staining run"
+        )
+        threshold = 1.5 * params.weak_threshold_od
+    provisional = ControlCalibration(
+        intense_threshold_od=threshold,
+        source=source,
+        membrane_ridge_od=ridge,
+        percentile_range=params.control_percentile_range,
+        n_membrane_pixels=int(membrane_od.size),
+        control_counts=ClassCounts(),
+        control_score=None,
+        qc_passed=False,
+    )
+    control_result = analyse_fov(
+        image, pixel_size_um, params, control=provisional, roi_polygon=region_polygon, rule=rule,
+        channel_order=channel_order,
+    ).result
+    qc_passed = control_result.call.score == Her2Score.THREE_PLUS
+    if not qc_passed:
+        scored = control_result.call.score.value if control_result.call.score else "not assessable"
+        warnings.append(
+            f"positive control QC failed: the control scored {scored} ({control_result.call.reason}), not 3+; "
+            "the assay or the chosen control region is questionable"
+        )
+    return provisional.model_copy(
+        update={
+            "control_counts": control_result.counts,
+            "control_score": control_result.call.score,
+            "qc_passed": qc_passed,
+            "warnings": tuple(warnings),
+        }
+    )
+
+
+def range_mean(values: npt.NDArray[np.float32], percentile_range: tuple[float, float]) -> float:
+    """Mean of ``values`` lying between the two percentiles (inclusive)."""
+    low, high = np.percentile(values, percentile_range)
+    inside = values[(values >= low) & (values <= high)]
+    return float(inside.mean()) if inside.size else float(low)
+
+
+def weak_threshold_from_region(
+    image: npt.NDArray[np.generic],
+    pixel_size_um: float,
+    region_polygon: Sequence[RowCol],
+    params: ScoringParams | None = None,
+    *,
+    channel_order: str = "RGB",
+) -> float:
+    """The weak DAB threshold from a region of typical weak staining picked by the pathologist.
+
+    Otsu's threshold on the region's DAB OD separates its faintly stained membranes from the unstained
+    background around them; the weak threshold is that split.
+
+    Raises
+    ------
+    ValueError
+        The region holds no DAB contrast to split (no stained membrane in it).
+    """
+    params = params or ScoringParams()
+    analysis = prepare(image, pixel_size_um, params, channel_order)
+    values = analysis.densities.dab[polygon_mask(region_polygon, analysis)]
+    if values.size < 50 or float(values.max() - values.min()) < 0.02:
+        raise ValueError("the selected region has no DAB contrast to set a weak threshold from")
+    scaled = np.clip(values / values.max() * 255.0, 0, 255).astype(np.uint8).reshape(-1, 1)
+    otsu, _ = cv2.threshold(scaled, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    threshold = float(otsu) / 255.0 * float(values.max())
+    if not 0.0 < threshold < params.default_intense_threshold_od:
+        raise ValueError(
+            f"the selected region gives a weak threshold of {threshold:.2f} OD, not below the intense "
+            f"threshold {params.default_intense_threshold_od:.2f}: pick a region of weak, not intense, staining"
+        )
+    return threshold

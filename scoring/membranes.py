@@ -1,0 +1,82 @@
+"""Complete membranes from the contour hierarchy of a stain mask (Suzuki–Abe border following).
+
+In a mask of stained membrane, a cell whose whole circumference is stained encloses a hole. OpenCV's
+``findContours`` with ``RETR_TREE`` returns the holes as children of the outer borders. A hole that has a parent
+(it lies inside stained tissue) and no child (nothing stained inside it) and the area of a tumour cell is a
+complete membrane; its filled interior is [M_complete] and its centroid is [P_complete].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from scoring.morphology import BoolArray
+
+_NO_CONTOUR = -1
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteMembranes:
+    """Complete membranes of one mask, at analysis resolution.
+
+    Attributes
+    ----------
+    filled : (M, N) bool ndarray
+        The membranes' filled interiors [M_complete].
+    centres : (K, 2) float64 ndarray
+        (row, col) centroids [P_complete].
+    contours : the K contours as OpenCV (L, 1, 2) int32 (x, y) point arrays, for drawing.
+    """
+
+    filled: BoolArray
+    centres: npt.NDArray[np.float64]
+    contours: tuple[npt.NDArray[np.int32], ...]
+
+
+def cell_area_bounds_px(
+    min_diameter_um: float, max_diameter_um: float, pixel_size_um: float
+) -> tuple[float, float]:
+    """Area bounds in px² of a round cell of the given diameters (µm) at ``pixel_size_um``."""
+
+    def area(diameter_um: float) -> float:
+        return math.pi * (diameter_um / pixel_size_um / 2.0) ** 2
+
+    return area(min_diameter_um), area(max_diameter_um)
+
+
+def complete_membranes(mask: BoolArray, min_area_px: float, max_area_px: float) -> CompleteMembranes:
+    """Find the complete membranes in a binary stain mask.
+
+    Parameters
+    ----------
+    mask : (M, N) bool ndarray
+        M_weak or M_intense.
+    min_area_px, max_area_px : float
+        Area bounds of a tumour cell's interior; other closed contours are not cells.
+    """
+    filled = np.zeros(mask.shape, dtype=np.uint8)
+    if not mask.any():
+        return CompleteMembranes(filled.astype(bool), np.zeros((0, 2)), ())
+    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return CompleteMembranes(filled.astype(bool), np.zeros((0, 2)), ())
+    links = hierarchy[0]  # per contour: next, previous, first child, parent
+    selected: list[npt.NDArray[np.int32]] = []
+    centres: list[tuple[float, float]] = []
+    for index in np.flatnonzero((links[:, 2] == _NO_CONTOUR) & (links[:, 3] != _NO_CONTOUR)):
+        contour = contours[index]
+        moments = cv2.moments(contour)
+        area = moments["m00"]
+        if not min_area_px <= area <= max_area_px:
+            continue
+        selected.append(contour)
+        centres.append((moments["m01"] / area, moments["m10"] / area))
+    if selected:
+        cv2.drawContours(filled, selected, -1, 1, thickness=cv2.FILLED)
+    points = np.array(centres, dtype=np.float64).reshape(-1, 2)
+    return CompleteMembranes(filled.astype(bool), points, tuple(selected))

@@ -1,0 +1,204 @@
+"""Overlay layers that show why a FOV got its score, each an RGBA image that can be shown or hidden.
+
+- ``cells``: every counted tumour cell as a ring coloured by class (0 blue, 1+ yellow, 2+ orange, 3+ red);
+  nuclei next to intense staining, counted in no class, as small grey crosses.
+- ``intensity``: the skeleton of the stained area, red where intense (M_intense), yellow where weak or moderate
+  (M_weak − M_intense).
+- ``completeness``: the innermost complete membrane contours, red for intense (3+), green for weak/moderate (2+).
+- ``region``: the outline of the tumour region the cells were counted in.
+- ``panel``: counts, percentages, the score with its reason and the threshold's source.
+
+Drawing uses OpenCV's drawing functions only (no window); everything is in FOV pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from skimage.morphology import skeletonize
+
+from scoring.morphology import BoolArray
+from scoring.pipeline import FovAnalysis
+from scoring.results import CaseResult, FovResult, Her2Score
+
+RGB = tuple[int, int, int]
+
+LAYER_NAMES: tuple[str, ...] = ("cells", "intensity", "completeness", "region", "panel")
+
+CLASS_COLOURS: Mapping[Her2Score, RGB] = {
+    Her2Score.ZERO: (40, 120, 255),
+    Her2Score.ONE_PLUS: (255, 225, 0),
+    Her2Score.TWO_PLUS: (255, 140, 0),
+    Her2Score.THREE_PLUS: (230, 20, 20),
+}
+INTENSE_COLOUR: RGB = (230, 20, 20)
+WEAK_COLOUR: RGB = (255, 225, 0)
+COMPLETE_WEAK_COLOUR: RGB = (0, 200, 60)
+EXCLUDED_COLOUR: RGB = (150, 150, 150)
+REGION_COLOUR: RGB = (0, 200, 220)
+_FONT = cv2.FONT_HERSHEY_DUPLEX
+
+
+@dataclass(frozen=True, slots=True)
+class Overlay:
+    """The overlay layers of one FOV.
+
+    Attributes
+    ----------
+    layers : name → (M, N, 4) uint8 RGBA ndarray, in FOV pixels, for the names in ``LAYER_NAMES``
+    """
+
+    layers: Mapping[str, npt.NDArray[np.uint8]]
+
+    def compose(self, rgb: npt.NDArray[np.uint8], visible: Iterable[str] | None = None) -> npt.NDArray[np.uint8]:
+        """Alpha-blend the ``visible`` layers (all if None) over a copy of ``rgb`` (M, N, 3) uint8."""
+        return compose(rgb, [self.layers[name] for name in (visible or LAYER_NAMES) if name in self.layers])
+
+
+def compose(rgb: npt.NDArray[np.uint8], layers: Iterable[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
+    """Alpha-blend RGBA ``layers`` in order over a copy of ``rgb`` (M, N, 3) uint8."""
+    out = rgb.astype(np.float32)
+    for layer in layers:
+        if layer.shape[:2] != rgb.shape[:2]:
+            raise ValueError(f"layer of shape {layer.shape} does not match image of shape {rgb.shape}")
+        alpha = layer[:, :, 3:4].astype(np.float32) / 255.0
+        out = out * (1.0 - alpha) + layer[:, :, :3].astype(np.float32) * alpha
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def render_overlay(analysis: FovAnalysis, case: CaseResult | None = None) -> Overlay:
+    """Draw all layers of a FOV's analysis; ``case`` adds the running case score to the panel."""
+    rows, cols = analysis.image.fov_shape
+    result = analysis.result
+    # Line widths and marker sizes follow the FOV's physical scale but stay visible on screen.
+    um = 1.0 / result.pixel_size_um  # FOV pixels per µm
+    line = max(2, round(0.6 * um))
+    layers = {
+        "cells": _cells_layer((rows, cols), result, analysis.excluded_nuclei_rc, um),
+        "intensity": _intensity_layer(analysis, line),
+        "completeness": _completeness_layer(analysis, line),
+        "region": _region_layer(analysis, line),
+        "panel": panel_layer((rows, cols), result, case),
+    }
+    return Overlay(layers)
+
+
+def _blank(shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    return np.zeros((*shape, 4), dtype=np.uint8)
+
+
+def _rgba(colour: RGB, alpha: int = 255) -> tuple[int, int, int, int]:
+    return (*colour, alpha)
+
+
+def _cells_layer(
+    shape: tuple[int, int], result: FovResult, excluded_rc: npt.NDArray[np.float64], um: float
+) -> npt.NDArray[np.uint8]:
+    layer = _blank(shape)
+    radius = max(4, round(2.5 * um))
+    thickness = max(2, round(0.5 * um))
+    for cell in result.cells:
+        centre = (round(cell.col), round(cell.row))
+        cv2.circle(layer, centre, radius + thickness, (0, 0, 0, 160), thickness, cv2.LINE_AA)
+        cv2.circle(layer, centre, radius, _rgba(CLASS_COLOURS[cell.her2_class]), thickness, cv2.LINE_AA)
+    arm = max(3, round(1.2 * um))
+    for row, col in excluded_rc:
+        centre = (round(col), round(row))
+        cv2.drawMarker(layer, centre, _rgba(EXCLUDED_COLOUR, 220), cv2.MARKER_CROSS, 2 * arm, max(1, thickness // 2))
+    return layer
+
+
+def _upsample_mask(mask: BoolArray, shape: tuple[int, int]) -> BoolArray:
+    if mask.shape == shape:
+        return mask
+    return cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _intensity_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
+    shape = analysis.image.fov_shape
+    layer = _blank(shape)
+    skeleton = skeletonize(analysis.weak)
+    intense = skeleton & analysis.intense
+    weak_only = skeleton & ~analysis.intense
+    kernel = np.ones((line, line), np.uint8)
+    for mask, colour in ((weak_only, WEAK_COLOUR), (intense, INTENSE_COLOUR)):
+        big = cv2.dilate(_upsample_mask(mask, shape).astype(np.uint8), kernel).astype(bool)
+        layer[big] = _rgba(colour, 230)
+    return layer
+
+
+def _scaled_contours(analysis: FovAnalysis, contours: Iterable[npt.NDArray[np.int32]]) -> list[npt.NDArray[np.int32]]:
+    scale_row, scale_col = analysis.image.scale
+    factor = np.array([scale_col, scale_row])
+    return [np.rint((c.astype(np.float64) + 0.5) * factor - 0.5).astype(np.int32) for c in contours]
+
+
+def _completeness_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
+    layer = _blank(analysis.image.fov_shape)
+    intense_filled = analysis.intense_complete.filled
+    weak_only = []
+    for contour, centre in zip(analysis.weak_complete.contours, analysis.weak_complete.centres, strict=True):
+        r, c = int(round(centre[0])), int(round(centre[1]))
+        r = min(max(r, 0), intense_filled.shape[0] - 1)
+        c = min(max(c, 0), intense_filled.shape[1] - 1)
+        if not intense_filled[r, c]:
+            weak_only.append(contour)
+    cv2.drawContours(layer, _scaled_contours(analysis, weak_only), -1, _rgba(COMPLETE_WEAK_COLOUR), line,
+                     cv2.LINE_AA)
+    cv2.drawContours(layer, _scaled_contours(analysis, analysis.intense_complete.contours), -1,
+                     _rgba(INTENSE_COLOUR), line, cv2.LINE_AA)
+    return layer
+
+
+def _region_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
+    layer = _blank(analysis.image.fov_shape)
+    contours, _ = cv2.findContours(analysis.tumour_region.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(layer, _scaled_contours(analysis, contours), -1, _rgba(REGION_COLOUR, 200), line,
+                     cv2.LINE_AA)
+    return layer
+
+
+def panel_lines(result: FovResult, case: CaseResult | None = None) -> list[tuple[str, RGB]]:
+    """The text of the panel, line by line with a colour: what a pathologist reads first comes first."""
+    call = result.call
+    score = call.score.value if call.score else "n/a"
+    lines: list[tuple[str, RGB]] = [(f"FOV  HER2 {score}   {call.status.value}", (255, 255, 255))]
+    if case is not None:
+        case_score = case.call.score.value if case.call.score else "n/a"
+        lines.append((f"CASE HER2 {case_score}   {case.call.status.value}   ({case.n_fovs} FOVs)",
+                      (255, 255, 255)))
+    lines.append((f"{result.counts.total} tumour cells", (230, 230, 230)))
+    for her2_class in Her2Score:
+        n = result.counts[her2_class]
+        lines.append((f"{her2_class.value:>2}: {n:5d}  {result.percentages[her2_class.value]:5.1f}%",
+                      CLASS_COLOURS[her2_class]))
+    lines.append((call.reason, (230, 230, 230)))
+    lines.append((f"intense > {result.intense_threshold_od:.2f} OD ({result.intense_threshold_source.value})",
+                  (200, 200, 200)))
+    for warning in result.warnings:
+        lines.append((f"! {warning}", (255, 190, 60)))
+    return lines
+
+
+def panel_layer(shape: tuple[int, int], result: FovResult, case: CaseResult | None = None) -> npt.NDArray[np.uint8]:
+    """A semi-opaque box in the top-left corner with the panel's text, sized to the FOV's width."""
+    layer = _blank(shape)
+    lines = panel_lines(result, case)
+    font_scale = max(0.45, shape[1] / 1920 * 0.75)
+    thickness = 1 if font_scale < 0.7 else 2
+    (_, text_height), baseline = cv2.getTextSize("Hg", _FONT, font_scale, thickness)
+    step = text_height + baseline + max(4, text_height // 2)
+    width = max(cv2.getTextSize(text, _FONT, font_scale, thickness)[0][0] for text, _ in lines)
+    margin = max(6, text_height // 2)
+    box_w = min(shape[1] - 1, width + 2 * margin)
+    box_h = min(shape[0] - 1, step * len(lines) + margin)
+    layer[:box_h, :box_w] = (20, 20, 20, 200)
+    for i, (text, colour) in enumerate(lines):
+        origin = (margin, margin + text_height + i * step)
+        cv2.putText(layer, text, origin, _FONT, font_scale, _rgba(colour), thickness, cv2.LINE_AA)
+    return layer

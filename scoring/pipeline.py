@@ -1,0 +1,329 @@
+"""Score one field of view: deconvolution → stain masks → complete membranes → nuclei → per-class counts.
+
+The steps and names follow the published method:
+
+1. Colour deconvolution to haematoxylin (H) and DAB OD (``scoring.stains``).
+2. [M_weak] = DAB > weak threshold; [M_intense] = DAB > intense threshold (from the positive control), ⊆ M_weak.
+3. [D_weak], [D_intense]: the masks dilated by a tumour-cell radius.
+4. Complete membranes on each mask from the contour hierarchy → [M_weak,complete], [M_intense,complete] (filled)
+   and their centres [P_weak,complete], [P_intense,complete] (``scoring.membranes``).
+5. Clear nuclei [P_clear] from H, inside the tumour region (``scoring.nuclei``).
+6. Counts:
+   N3+ = |P_intense,complete|;  N2+ = |P_weak,complete \\ M_intense,complete|;
+   N1+ = |P_clear ∩ D_weak \\ (D_intense ∪ M_intense,complete ∪ M_weak,complete)|;
+   N0  = |P_clear \\ (D_intense ∪ M_intense,complete ∪ M_weak,complete ∪ D_weak)|.
+
+The image is first resampled to ``analysis_pixel_size_um`` if it is finer; all sizes are µm converted with
+the pixel size, and every reported position is in the caller's FOV pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from config.scoring import CaseRule, ScoringParams
+from scoring import morphology, nuclei, stains
+from scoring.case import NO_CONTROL_WARNING, call_score
+from scoring.membranes import CompleteMembranes, cell_area_bounds_px, complete_membranes
+from scoring.morphology import BoolArray
+from scoring.results import Cell, ClassCounts, ControlCalibration, FovResult, Her2Score, ThresholdSource
+
+MIN_PIXEL_SIZE_UM = 0.05
+MAX_PIXEL_SIZE_UM = 5.0
+#: The tumour region is a coarse shape; it is computed at about this pixel size.
+_REGION_PIXEL_SIZE_UM = 2.0
+
+RowCol = tuple[float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisImage:
+    """A FOV resampled to analysis resolution and deconvolved.
+
+    Attributes
+    ----------
+    densities : H and DAB OD at analysis resolution
+    scale : (row, col) FOV pixels per analysis pixel (1.0 when not resampled)
+    pixel_size_um : µm per analysis pixel
+    fov_shape : (rows, cols) of the original FOV
+    """
+
+    densities: stains.StainDensities
+    scale: tuple[float, float]
+    pixel_size_um: float
+    fov_shape: tuple[int, int]
+
+    def to_fov(self, points_rc: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """(row, col) analysis pixels → FOV pixels (pixel centres map to pixel centres)."""
+        scale = np.asarray(self.scale)
+        return (points_rc + 0.5) * scale - 0.5
+
+    def from_fov(self, points_rc: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """(row, col) FOV pixels → analysis pixels."""
+        scale = np.asarray(self.scale)
+        return (points_rc + 0.5) / scale - 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class FovAnalysis:
+    """A FOV's result with the intermediate masks that explain it (analysis resolution), for the overlays."""
+
+    result: FovResult
+    image: AnalysisImage
+    weak: BoolArray
+    intense: BoolArray
+    weak_complete: CompleteMembranes
+    intense_complete: CompleteMembranes
+    tumour_region: BoolArray
+    excluded_nuclei_rc: npt.NDArray[np.float64]
+
+
+def check_pixel_size(pixel_size_um: float) -> float:
+    """Return ``pixel_size_um`` as a float, or raise a ValueError naming a plausible range."""
+    if not isinstance(pixel_size_um, (int, float)) or not math.isfinite(pixel_size_um):
+        raise ValueError(f"pixel size must be a finite number of µm/px, got {pixel_size_um!r}")
+    if not MIN_PIXEL_SIZE_UM < pixel_size_um <= MAX_PIXEL_SIZE_UM:
+        raise ValueError(
+            f"pixel size {pixel_size_um} µm/px is outside ({MIN_PIXEL_SIZE_UM}, {MAX_PIXEL_SIZE_UM}]; "
+            "a 40x objective gives about 0.25 µm/px, a 20x about 0.5 µm/px"
+        )
+    return float(pixel_size_um)
+
+
+def prepare(
+    image: npt.NDArray[np.generic], pixel_size_um: float, params: ScoringParams, channel_order: str = "RGB"
+) -> AnalysisImage:
+    """Check, resample to analysis resolution and deconvolve a FOV."""
+    image = stains.check_rgb(image)
+    pixel_size_um = check_pixel_size(pixel_size_um)
+    if channel_order not in ("RGB", "BGR"):
+        raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
+    rows, cols = image.shape[:2]
+    factor = params.analysis_pixel_size_um / pixel_size_um
+    if factor > 1.05:
+        size = (max(16, round(cols / factor)), max(16, round(rows / factor)))
+        # Area averaging in the intensity domain is what a coarser camera pixel would have measured.
+        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    else:
+        small = image
+    if params.stains.estimate_from_image:
+        rgb_small = small[:, :, ::-1] if channel_order == "BGR" else small
+        h_vec, d_vec = stains.estimate_stain_vectors(rgb_small, params.stains)
+    else:
+        h_vec, d_vec = params.stains.haematoxylin, params.stains.dab
+    densities = stains.deconvolve(small, h_vec, d_vec, channel_order)  # type: ignore[arg-type]
+    scale = (rows / small.shape[0], cols / small.shape[1])
+    return AnalysisImage(densities, scale, pixel_size_um * scale[1], (rows, cols))
+
+
+def polygon_mask(polygon_rc: Sequence[RowCol], analysis: AnalysisImage) -> BoolArray:
+    """Rasterise an ROI polygon given in FOV (row, col) pixels at analysis resolution.
+
+    Raises
+    ------
+    ValueError
+        Fewer than three vertices, non-finite coordinates, or a polygon that misses the FOV.
+    """
+    points = np.asarray(polygon_rc, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
+        raise ValueError(f"an ROI polygon needs at least 3 (row, col) vertices, got shape {points.shape}")
+    if not np.isfinite(points).all():
+        raise ValueError("ROI polygon has non-finite coordinates")
+    rows, cols = analysis.fov_shape
+    if (
+        points[:, 0].max() < 0
+        or points[:, 1].max() < 0
+        or points[:, 0].min() >= rows
+        or points[:, 1].min() >= cols
+    ):
+        raise ValueError(f"ROI polygon lies outside the {rows}x{cols} FOV")
+    small = analysis.from_fov(points)
+    mask = np.zeros(analysis.densities.dab.shape, dtype=np.uint8)
+    xy = np.rint(small[:, ::-1]).astype(np.int32).reshape(-1, 1, 2)
+    cv2.fillPoly(mask, [xy], 1)
+    if not mask.any():
+        raise ValueError("ROI polygon encloses no pixel of the FOV")
+    return mask.astype(bool)
+
+
+@dataclass(frozen=True, slots=True)
+class StainMasks:
+    """The binary masks of one FOV at analysis resolution (all (M, N) bool).
+
+    Attributes
+    ----------
+    membrane_dab : (M, N) float32, DAB OD above the local (cytoplasmic) background
+    weak : [M_weak], stained membrane: membrane DAB above the weak threshold
+    intense : [M_intense], stained membrane whose DAB OD is above the intense threshold (⊆ weak)
+    nuclei : haematoxylin above its threshold, opened
+    tumour_region : where cells are counted, before any ROI polygon
+    """
+
+    membrane_dab: npt.NDArray[np.float32]
+    weak: BoolArray
+    intense: BoolArray
+    nuclei: BoolArray
+    tumour_region: BoolArray
+
+
+def stain_masks(analysis: AnalysisImage, params: ScoringParams, intense_threshold_od: float) -> StainMasks:
+    """Weak and intense membrane masks, the nucleus mask and the tumour region of an analysed FOV.
+
+    Membranes are thin DAB ridges: a white top-hat (DAB minus its grey opening by a disk wider than a membrane)
+    keeps them and removes diffuse cytoplasmic DAB, which would otherwise fill cells and hide their outlines.
+    M_weak is the top-hat above the weak threshold; M_intense those M_weak pixels whose DAB OD itself is above
+    the intense threshold, so M_intense ⊆ M_weak.
+    """
+    px = analysis.pixel_size_um
+    dab = analysis.densities.dab
+    background = cv2.morphologyEx(dab, cv2.MORPH_OPEN, morphology.disk_kernel(params.membrane_width_um / px))
+    membrane_dab = cv2.subtract(dab, background)
+    weak = morphology.remove_small(
+        membrane_dab > params.weak_threshold_od, params.min_membrane_fragment_um2 / (px * px)
+    )
+    intense = weak & (dab > intense_threshold_od)
+    nucleus_radius_px = params.nucleus_diameter_um / 2.0 / px
+    nucleus_mask = nuclei.nucleus_mask(
+        analysis.densities.haematoxylin, params.haematoxylin_threshold_od, nucleus_radius_px
+    )
+    region = nuclei.tumour_region(
+        nucleus_mask | weak,
+        params.tumour_region_closing_um / px,
+        params.tumour_region_opening_um / px,
+        work_scale=max(1, round(_REGION_PIXEL_SIZE_UM / px)),
+    )
+    return StainMasks(membrane_dab, weak, intense, nucleus_mask, region)
+
+
+def analyse_fov(
+    image: npt.NDArray[np.generic],
+    pixel_size_um: float,
+    params: ScoringParams | None = None,
+    *,
+    control: ControlCalibration | None = None,
+    roi_polygon: Sequence[RowCol] | None = None,
+    rule: CaseRule | None = None,
+    channel_order: str = "RGB",
+) -> FovAnalysis:
+    """Score one FOV and keep the masks that explain the score.
+
+    Parameters
+    ----------
+    image : (M, N, 3) uint8, uint16 or float [0, 1] ndarray
+        The FOV; not modified.
+    pixel_size_um : float
+        µm per pixel of ``image`` (objective and camera).
+    params : scoring parameters (defaults if None).
+    control : the positive-control calibration; without it the default intense threshold applies and the
+        result says so.
+    roi_polygon : the pathologist's ROI as (row, col) FOV pixels; counting is restricted to it.
+    rule : the ASCO/CAP rule for the per-FOV score.
+    channel_order : "RGB", or "BGR" for frames from OpenCV.
+    """
+    params = params or ScoringParams()
+    rule = rule or CaseRule()
+    analysis = prepare(image, pixel_size_um, params, channel_order)
+    px = analysis.pixel_size_um
+    dab = analysis.densities.dab
+    h_od = analysis.densities.haematoxylin
+
+    if control is None:
+        intense_threshold, source = params.default_intense_threshold_od, ThresholdSource.DEFAULT
+    else:
+        intense_threshold, source = control.intense_threshold_od, control.source
+    masks = stain_masks(analysis, params, intense_threshold)
+    weak, intense, region = masks.weak, masks.intense, masks.tumour_region
+    if roi_polygon is not None:
+        region = region & polygon_mask(roi_polygon, analysis)
+    weak_threshold = params.weak_threshold_od
+    cell_radius_px = params.tumour_cell_diameter_um / 2.0 / px
+    nucleus_radius_px = params.nucleus_diameter_um / 2.0 / px
+
+    min_area, max_area = cell_area_bounds_px(params.min_cell_diameter_um, params.max_cell_diameter_um, px)
+    weak_complete = complete_membranes(weak, min_area, max_area)
+    intense_complete = complete_membranes(intense, min_area, max_area)
+
+    p_intense = intense_complete.centres[morphology.sample(region, intense_complete.centres).astype(bool)]
+    p_weak = weak_complete.centres[morphology.sample(region, weak_complete.centres).astype(bool)]
+    p_two_plus = p_weak[~morphology.sample(intense_complete.filled, p_weak).astype(bool)]
+
+    p_clear = nuclei.clear_nuclei(h_od, masks.nuclei, nucleus_radius_px)
+    p_clear = p_clear[morphology.sample(region, p_clear).astype(bool)]
+    in_d_weak = morphology.sample(morphology.distance_to(weak), p_clear) <= cell_radius_px
+    in_d_intense = morphology.sample(morphology.distance_to(intense), p_clear) <= cell_radius_px
+    in_complete = morphology.sample(weak_complete.filled | intense_complete.filled, p_clear).astype(bool)
+    not_excluded = ~(in_d_intense | in_complete)
+    p_one_plus = p_clear[in_d_weak & not_excluded]
+    p_zero = p_clear[~in_d_weak & not_excluded]
+    excluded = p_clear[in_d_intense & ~in_complete]  # next to intense staining: in no class
+
+    counts = ClassCounts(
+        zero=len(p_zero), one_plus=len(p_one_plus), two_plus=len(p_two_plus), three_plus=len(p_intense)
+    )
+    cells = tuple(
+        Cell(row=float(r), col=float(c), her2_class=her2_class)
+        for her2_class, points in (
+            (Her2Score.ZERO, p_zero),
+            (Her2Score.ONE_PLUS, p_one_plus),
+            (Her2Score.TWO_PLUS, p_two_plus),
+            (Her2Score.THREE_PLUS, p_intense),
+        )
+        for r, c in analysis.to_fov(points)
+    )
+    call = call_score(counts, rule)
+    warnings = [] if control is not None else [NO_CONTROL_WARNING]
+    if call.score is None:
+        warnings.append(call.reason)
+    result = FovResult(
+        counts=counts,
+        percentages=counts.percentages(),
+        call=call,
+        cells=cells,
+        n_excluded_nuclei=len(excluded),
+        weak_threshold_od=weak_threshold,
+        intense_threshold_od=max(intense_threshold, weak_threshold),
+        intense_threshold_source=source,
+        pixel_size_um=analysis.pixel_size_um / analysis.scale[1],
+        analysis_pixel_size_um=px,
+        tumour_area_mm2=float(region.sum()) * px * px * 1e-6,
+        stain_vectors=analysis.densities.vectors,
+        warnings=tuple(warnings),
+    )
+    return FovAnalysis(
+        result=result,
+        image=analysis,
+        weak=weak,
+        intense=intense,
+        weak_complete=weak_complete,
+        intense_complete=intense_complete,
+        tumour_region=region,
+        excluded_nuclei_rc=analysis.to_fov(excluded),
+    )
+
+
+def score_fov(
+    image: npt.NDArray[np.generic],
+    pixel_size_um: float,
+    params: ScoringParams | None = None,
+    *,
+    control: ControlCalibration | None = None,
+    roi_polygon: Sequence[RowCol] | None = None,
+    rule: CaseRule | None = None,
+    channel_order: str = "RGB",
+) -> FovResult:
+    """Score one FOV; see :func:`analyse_fov`, which also returns the masks."""
+    return analyse_fov(
+        image,
+        pixel_size_um,
+        params,
+        control=control,
+        roi_polygon=roi_polygon,
+        rule=rule,
+        channel_order=channel_order,
+    ).result

@@ -1,0 +1,153 @@
+"""Frozen result models of per-FOV and per-case scoring; they serialise to the documented JSON."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Her2Score(StrEnum):
+    """An ASCO/CAP HER2 IHC score, of one cell, one FOV or one case."""
+
+    ZERO = "0"
+    ONE_PLUS = "1+"
+    TWO_PLUS = "2+"
+    THREE_PLUS = "3+"
+
+
+HER2_SCORES: tuple[Her2Score, ...] = tuple(Her2Score)
+
+
+class Her2Status(StrEnum):
+    """What the IHC score means for the patient's HER2 status (ASCO/CAP 2018/2023)."""
+
+    NEGATIVE = "negative"
+    EQUIVOCAL = "equivocal, reflex ISH"
+    POSITIVE = "positive"
+    NOT_ASSESSABLE = "not assessable"
+
+
+class Her2ZeroSubtype(StrEnum):
+    """The 2025 international consensus split of IHC 0."""
+
+    NULL = "null"
+    ULTRALOW = "ultralow"
+
+
+class ThresholdSource(StrEnum):
+    """Where the intense (or weak) DAB threshold of a result came from."""
+
+    DEFAULT = "default"
+    CONTROL = "positive control"
+    CONTROL_REGION = "positive control region"
+    REGION = "selected region"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ClassCounts(_Frozen):
+    """Tumour cells per HER2 class; serialised with the keys "0", "1+", "2+", "3+"."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
+    zero: int = Field(0, ge=0, alias="0")
+    one_plus: int = Field(0, ge=0, alias="1+")
+    two_plus: int = Field(0, ge=0, alias="2+")
+    three_plus: int = Field(0, ge=0, alias="3+")
+
+    @property
+    def total(self) -> int:
+        """All counted tumour cells."""
+        return self.zero + self.one_plus + self.two_plus + self.three_plus
+
+    def __getitem__(self, score: Her2Score | str) -> int:
+        return {
+            Her2Score.ZERO: self.zero,
+            Her2Score.ONE_PLUS: self.one_plus,
+            Her2Score.TWO_PLUS: self.two_plus,
+            Her2Score.THREE_PLUS: self.three_plus,
+        }[Her2Score(score)]
+
+    def __add__(self, other: ClassCounts) -> ClassCounts:
+        return ClassCounts(
+            zero=self.zero + other.zero,
+            one_plus=self.one_plus + other.one_plus,
+            two_plus=self.two_plus + other.two_plus,
+            three_plus=self.three_plus + other.three_plus,
+        )
+
+    def percentages(self) -> dict[str, float]:
+        """Share of each class in percent of all counted cells (all 0.0 when there are none)."""
+        total = self.total
+        return {s.value: (100.0 * self[s] / total if total else 0.0) for s in HER2_SCORES}
+
+
+class ScoreCall(_Frozen):
+    """The ASCO/CAP rule applied to a set of counts: score, status and the HER2-low / ultralow reading."""
+
+    score: Her2Score | None = Field(description="None when too few tumour cells were counted to score")
+    status: Her2Status
+    her2_low: bool = Field(description="1+, or 2+ pending ISH (HER2-low if ISH is negative)")
+    zero_subtype: Her2ZeroSubtype | None = Field(description="null / ultralow for a score of 0, else None")
+    reason: str = Field(description="Which branch of the rule decided, in words")
+
+
+class Cell(_Frozen):
+    """One counted tumour cell: its position in FOV pixels and its class."""
+
+    row: float
+    col: float
+    her2_class: Her2Score
+
+
+class ControlCalibration(_Frozen):
+    """The intense DAB threshold derived from the positive control, and the control's own quality check."""
+
+    intense_threshold_od: float = Field(gt=0.0)
+    source: ThresholdSource
+    membrane_ridge_od: float = Field(description="Mean control membrane DAB OD over the percentile range")
+    percentile_range: tuple[float, float]
+    n_membrane_pixels: int
+    control_counts: ClassCounts
+    control_score: Her2Score | None
+    qc_passed: bool
+    warnings: tuple[str, ...] = ()
+
+
+class FovResult(_Frozen):
+    """Everything scored on one FOV, in FOV pixel coordinates."""
+
+    counts: ClassCounts
+    percentages: dict[str, float]
+    call: ScoreCall
+    cells: tuple[Cell, ...]
+    n_excluded_nuclei: int = Field(description="Clear nuclei next to intense staining, counted in no class")
+    weak_threshold_od: float
+    intense_threshold_od: float
+    intense_threshold_source: ThresholdSource
+    pixel_size_um: float
+    analysis_pixel_size_um: float
+    tumour_area_mm2: float
+    stain_vectors: tuple[tuple[float, float, float], tuple[float, float, float]]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        """All counted tumour cells of the FOV."""
+        return self.counts.total
+
+
+class CaseResult(_Frozen):
+    """The case score over all included FOVs of a case."""
+
+    counts: ClassCounts
+    percentages: dict[str, float]
+    call: ScoreCall
+    n_fovs: int
+    control: ControlCalibration | None
+    warnings: tuple[str, ...] = ()
