@@ -101,7 +101,7 @@ def score_files(
         if overlay_dir is not None:
             analysis = analyse_fov(control_image, pixel_size_um, params, control=calibration, rule=rule)
             path = overlay_dir / f"{control.stem}_control_overlay.png"
-            write_rgb(path, render_overlay(analysis).compose(control_image))  # type: ignore[arg-type]
+            write_rgb(path, render_overlay(analysis).compose(_as_uint8(control_image)))
             control_doc["overlay"] = str(path)
 
     fov_docs = []

@@ -14,6 +14,30 @@ import numpy.typing as npt
 BoolArray = npt.NDArray[np.bool_]
 
 
+def within(mask: BoolArray, radius_px: float, points_rc: npt.NDArray[np.float64], coarse: int = 1) -> BoolArray:
+    """Whether each (row, col) point lies within ``radius_px`` of a True pixel of ``mask`` (in its dilation).
+
+    With ``coarse`` > 1 the distances are taken on a grid that many times coarser (a coarse pixel is set if any
+    of its pixels is): faster, and at most one coarse pixel generous.
+    """
+    if coarse > 1:
+        rows, cols = mask.shape
+        small = coarsen_any(mask, coarse)
+        scale = np.array([small.shape[0] / rows, small.shape[1] / cols])
+        return within(small, radius_px * float(scale.mean()), (points_rc + 0.5) * scale - 0.5)
+    return sample(distance_to(mask), points_rc) <= radius_px
+
+
+def coarsen_any(mask: BoolArray, factor: int) -> BoolArray:
+    """``mask`` on a grid ``factor`` times coarser; a coarse pixel is True if any pixel under it is.
+
+    (Area averaging in float32, so that a single True pixel among many never rounds away.)
+    """
+    rows, cols = mask.shape
+    size = (max(1, cols // factor), max(1, rows // factor))
+    return cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0  # type: ignore[no-any-return]
+
+
 def distance_to(mask: BoolArray) -> npt.NDArray[np.float32]:
     """Distance in pixels from every pixel to the nearest True pixel of ``mask`` (inf-like when there is none)."""
     if not mask.any():
@@ -61,7 +85,30 @@ def remove_small(mask: BoolArray, min_area_px: float) -> BoolArray:
     """``mask`` without its 8-connected components smaller than ``min_area_px``."""
     if min_area_px <= 1 or not mask.any():
         return mask
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area_px
-    keep[0] = False  # background
-    return keep[labels]  # type: ignore[no-any-return]
+    return _drop_small_components(mask, min_area_px, connectivity=8)
+
+
+def fill_small_holes(mask: BoolArray, max_area_px: float) -> BoolArray:
+    """``mask`` with its holes (4-connected background pockets enclosed by it) smaller than ``max_area_px`` filled.
+
+    Border following treats such pockets as contours of their own; filling those too small to matter first
+    makes it much faster and changes no larger contour or its hierarchy.
+    """
+    if max_area_px <= 1 or not mask.any():
+        return mask
+    background = ~mask
+    kept_background = _drop_small_components(background, max_area_px, connectivity=4, keep_touching_border=True)
+    return ~kept_background
+
+
+def _drop_small_components(
+    mask: BoolArray, min_area_px: float, connectivity: int, keep_touching_border: bool = False
+) -> BoolArray:
+    _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=connectivity)
+    areas = np.bincount(labels.ravel())
+    keep = areas >= min_area_px
+    if keep_touching_border:
+        for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+            keep[edge] = True
+    keep[0] = False  # label 0 is what is not in mask
+    return np.take(keep, labels)  # type: ignore[no-any-return]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +25,9 @@ def clear_nuclei(
     """Centres of clear nuclei [P_clear]: local maxima of the smoothed haematoxylin inside ``mask``.
 
     Smoothing at a third of the nucleus radius merges a nucleus's chromatin texture into one peak; a peak must be
-    the maximum within a nucleus radius, so two nuclei closer than that count once. Plateaus are merged.
+    the maximum of a square around it as large as a disk of one nucleus radius, so two nuclei closer than about
+    that count once (a square, not a disk, because its max filter is separable and several times faster).
+    Plateaus are merged.
 
     Returns
     -------
@@ -33,7 +37,8 @@ def clear_nuclei(
         return np.zeros((0, 2))
     sigma = max(0.8, radius_px / 3.0)
     smooth = cv2.GaussianBlur(haematoxylin_od, (0, 0), sigma)
-    neighbourhood = cv2.dilate(smooth, morphology.disk_kernel(radius_px))
+    side = 2 * max(1, round(radius_px * math.sqrt(math.pi) / 2.0)) + 1
+    neighbourhood = cv2.dilate(smooth, np.ones((side, side), np.uint8))
     peaks = ((smooth >= neighbourhood) & mask).astype(np.uint8)
     n, _, _, centroids = cv2.connectedComponentsWithStats(peaks, connectivity=8)
     return np.ascontiguousarray(centroids[1:, ::-1], dtype=np.float64).reshape(-1, 2)
@@ -49,11 +54,7 @@ def tumour_region(
     """
     if work_scale > 1:
         rows, cols = tissue.shape
-        small = cv2.resize(
-            tissue.astype(np.uint8) * 255,
-            (max(1, cols // work_scale), max(1, rows // work_scale)),
-            interpolation=cv2.INTER_AREA,
-        ) > 0  # any tissue in the coarse pixel: a thin nucleus or membrane must not vanish
+        small = morphology.coarsen_any(tissue, work_scale)  # a thin nucleus or membrane must not vanish
         region_small = tumour_region(small, closing_radius_px / work_scale, opening_radius_px / work_scale)
         return cv2.resize(region_small.astype(np.uint8), (cols, rows), interpolation=cv2.INTER_NEAREST).astype(
             bool

@@ -38,6 +38,8 @@ MIN_PIXEL_SIZE_UM = 0.05
 MAX_PIXEL_SIZE_UM = 5.0
 #: The tumour region is a coarse shape; it is computed at about this pixel size.
 _REGION_PIXEL_SIZE_UM = 2.0
+#: D_weak and D_intense (dilations by a cell radius) are evaluated at about this pixel size.
+_DILATION_PIXEL_SIZE_UM = 1.0
 
 RowCol = tuple[float, float]
 
@@ -255,8 +257,10 @@ def analyse_fov(
 
     p_clear = nuclei.clear_nuclei(h_od, masks.nuclei, nucleus_radius_px)
     p_clear = p_clear[morphology.sample(region, p_clear).astype(bool)]
-    in_d_weak = morphology.sample(morphology.distance_to(weak), p_clear) <= cell_radius_px
-    in_d_intense = morphology.sample(morphology.distance_to(intense), p_clear) <= cell_radius_px
+    # D_weak and D_intense are needed only at the nuclei; a 1 µm grid is ample for a dilation by a cell radius.
+    coarse = max(1, round(_DILATION_PIXEL_SIZE_UM / px))
+    in_d_weak = morphology.within(weak, cell_radius_px, p_clear, coarse)
+    in_d_intense = morphology.within(intense, cell_radius_px, p_clear, coarse)
     in_complete = morphology.sample(weak_complete.filled | intense_complete.filled, p_clear).astype(bool)
     not_excluded = ~(in_d_intense | in_complete)
     p_one_plus = p_clear[in_d_weak & not_excluded]

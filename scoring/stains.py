@@ -77,8 +77,10 @@ def check_rgb(image: object, name: str = "image") -> npt.NDArray[np.generic]:
     if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
         raise TypeError(f"{name} has dtype {image.dtype}; use uint8, uint16, or float32/float64 in [0, 1]")
     if image.dtype.kind == "f":
-        low, high = float(np.nanmin(image)), float(np.nanmax(image))
-        if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
+        if not np.isfinite(image).all():
+            raise ValueError(f"{name} has NaN or infinite values; floats must lie in [0, 1]")
+        low, high = float(image.min()), float(image.max())
+        if low < 0.0 or high > 1.0:
             raise ValueError(f"{name} is a float image with values in [{low}, {high}]; floats must lie in [0, 1]")
     return image[:, :, :3] if image.shape[2] == 4 else image
 
