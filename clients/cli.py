@@ -50,10 +50,12 @@ def score(
         typer.Option("--pixel-size", help="µm per pixel of the images [default: the config's optics.pixel_size_um]."),
     ] = None,
     roi: Annotated[
-        Path | None, typer.Option("--roi", help='ROI polygon JSON {"polygon": [[row, col], ...]} for every FOV.')
+        Path | None,
+        typer.Option("--roi", help='ROI polygon JSON {"polygon": [[row, col], ...]} for every FOV.'),
     ] = None,
     overlay_dir: Annotated[
-        Path | None, typer.Option("--overlay-dir", help="Write an overlay PNG per FOV (and the control) here.")
+        Path | None,
+        typer.Option("--overlay-dir", help="Write an overlay PNG per FOV (and the control) here."),
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import cv2
@@ -29,7 +30,7 @@ def read_rgb(path: Path) -> npt.NDArray[np.generic]:
     if image.dtype not in (np.uint8, np.uint16):
         raise InputError(f"{path}: {image.dtype} pixels are not supported; use 8- or 16-bit RGB")
     code = cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
-    return cv2.cvtColor(image, code)  # type: ignore[return-value]
+    return cv2.cvtColor(image, code)
 
 
 def write_rgb(path: Path, rgb: npt.NDArray[np.uint8]) -> None:
@@ -59,5 +60,11 @@ def read_roi(path: Path) -> list[tuple[float, float]]:
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vertex)
         ):
             raise InputError(f"{path}: ROI vertex {vertex!r} is not a [row, col] pair of numbers")
-        vertices.append((float(vertex[0]), float(vertex[1])))
+        try:
+            row, col = float(vertex[0]), float(vertex[1])
+        except OverflowError:
+            row = col = float("inf")
+        if not (math.isfinite(row) and math.isfinite(col)):
+            raise InputError(f"{path}: ROI vertex {vertex!r} is not finite")
+        vertices.append((row, col))
     return vertices

@@ -89,13 +89,26 @@ class ScoringParams(_Frozen):
         "lies between these percentiles, times control_intense_fraction.",
     )
     control_intense_fraction: Annotated[float, Field(gt=0.0, le=2.0)] = Field(
-        0.6,
+        0.55,
         description="Intense threshold as a fraction of the control's typical membrane DAB OD: 3+ membranes of "
         "the same batch stain at or above it along their whole ridge, 2+ membranes stay below.",
     )
+    min_control_ridge_od: OpticalDensity = Field(
+        0.45,
+        description="A 3+ positive control's membrane ridge (the mean above) must reach this DAB OD; a fainter "
+        "control fails QC, since calibrating on it would call moderate staining intense.",
+    )
     tumour_cell_diameter_um: PositiveUm = Field(12.0, description="Typical tumour cell diameter.")
-    min_cell_diameter_um: PositiveUm = Field(5.0, description="Smaller closed contours are not cells.")
+    min_cell_diameter_um: PositiveUm = Field(
+        5.0,
+        description="Smaller closed contours (pockets of background between stained membranes) are not cells.",
+    )
     max_cell_diameter_um: PositiveUm = Field(30.0, description="Larger closed contours are not cells.")
+    min_cell_solidity: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.7,
+        description="Least area / convex-hull area of a complete membrane's interior: cells are roughly convex, "
+        "the concave pocket between three round neighbours (about 0.6) is no cell.",
+    )
     haematoxylin_threshold_od: OpticalDensity = Field(
         0.12, description="H OD above which a pixel may be nuclear (nuclei are then found as local maxima)."
     )
@@ -106,7 +119,12 @@ class ScoringParams(_Frozen):
         "the cells of a nest, ...",
     )
     tumour_region_opening_um: PositiveUm = Field(
-        14.0, description="... then opened by this radius, which removes sparse stroma nuclei and thin strands."
+        14.0,
+        description="... then opened by this radius, which removes sparse stroma nuclei and thin strands, ...",
+    )
+    tumour_region_margin_um: Annotated[float, Field(ge=0.0, le=1000.0)] = Field(
+        5.0,
+        description="... and finally dilated by this margin, so that the cells on a nest's edge count too.",
     )
 
     @model_validator(mode="after")

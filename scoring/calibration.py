@@ -6,8 +6,11 @@ this batch. Its stained membrane pixels are those of M_weak inside its tumour re
 the weak threshold (membrane edges, blurred) to the ridge of the membranes; the mean over the percentile range
 ``control_percentile_range`` (default the 50th–95th, the upper half without the darkest outliers) is the typical
 membrane ridge OD of this batch. The intense threshold is ``control_intense_fraction`` of it: a 3+ membrane of
-the same batch stays above it along its whole ring, a moderately stained (2+) one does not. The control is then
-scored with its own threshold and must come out 3+ (quality control of the assay and of the chosen control).
+the same batch stays above it along its whole ring, a moderately stained (2+) one does not.
+
+Quality control: the control is scored with its own threshold and must come out 3+; and since a threshold
+relative to the control would make any control look 3+, its ridge must also reach ``min_control_ridge_od``.
+Either failure is a warning on every result of the case: the assay or the chosen control is questionable.
 """
 
 from __future__ import annotations
@@ -87,11 +90,22 @@ def calibrate_from_control(
         qc_passed=False,
     )
     control_result = analyse_fov(
-        image, pixel_size_um, params, control=provisional, roi_polygon=region_polygon, rule=rule,
+        image,
+        pixel_size_um,
+        params,
+        control=provisional,
+        roi_polygon=region_polygon,
+        rule=rule,
         channel_order=channel_order,
     ).result
-    qc_passed = control_result.call.score == Her2Score.THREE_PLUS
-    if not qc_passed:
+    strong_enough = ridge >= params.min_control_ridge_od
+    if not strong_enough:
+        warnings.append(
+            f"positive control QC failed: its membranes stain at {ridge:.2f} OD, fainter than the "
+            f"{params.min_control_ridge_od:.2f} OD of a 3+ control; the assay or the chosen control is questionable"
+        )
+    qc_passed = strong_enough and control_result.call.score == Her2Score.THREE_PLUS
+    if control_result.call.score != Her2Score.THREE_PLUS:
         scored = control_result.call.score.value if control_result.call.score else "not assessable"
         warnings.append(
             f"positive control QC failed: the control scored {scored} ({control_result.call.reason}), not 3+; "

@@ -45,23 +45,28 @@ def call_score(counts: ClassCounts, rule: CaseRule) -> ScoreCall:
             zero_subtype=None,
             reason=f"{total} tumour cells counted, fewer than the {rule.min_tumour_cells} needed to score",
         )
-    pct = counts.percentages()
-    p3 = pct["3+"]
-    p2_or_more = pct["2+"] + p3
-    p1_or_more = pct["1+"] + p2_or_more
+    n3 = counts.three_plus
+    n2_or_more = counts.two_plus + n3
+    n1_or_more = counts.one_plus + n2_or_more
     cut = rule.cutoff_percent
-    if p3 > cut:
+
+    def above(n: int, percent: float) -> bool:
+        # exact: compare counts, not rounded shares (12 of 120 is exactly 10%, not above it)
+        return 100 * n > percent * total
+
+    p3, p2_or_more, p1_or_more = (100.0 * n / total for n in (n3, n2_or_more, n1_or_more))
+    if above(n3, cut):
         return _call(Her2Score.THREE_PLUS, f"3+ cells {p3:.1f}% > {cut:g}%")
-    if p2_or_more > cut:
+    if above(n2_or_more, cut):
         return _call(Her2Score.TWO_PLUS, f"complete membranes (2+ and 3+) {p2_or_more:.1f}% > {cut:g}%")
-    if p3 > 0 and p3 >= rule.min_3plus_percent_for_2plus:
+    if n3 > 0 and 100 * n3 >= rule.min_3plus_percent_for_2plus * total:
         return _call(
             Her2Score.TWO_PLUS,
             f"3+ cells present in {p3:.1f}% (≤ {cut:g}%): unusual heterogeneous pattern, reported 2+",
         )
-    if p1_or_more > cut:
+    if above(n1_or_more, cut):
         return _call(Her2Score.ONE_PLUS, f"stained cells (1+ or more) {p1_or_more:.1f}% > {cut:g}%")
-    if p1_or_more > 0:
+    if n1_or_more > 0:
         return _call(
             Her2Score.ZERO,
             f"faint/incomplete staining in {p1_or_more:.1f}% (> 0%, ≤ {cut:g}%): 0, ultralow",
@@ -81,9 +86,7 @@ def _call(score: Her2Score, reason: str, zero_subtype: Her2ZeroSubtype | None = 
     return ScoreCall(score=score, status=status, her2_low=her2_low, zero_subtype=zero_subtype, reason=reason)
 
 
-def score_case(
-    fovs: Iterable[FovResult], rule: CaseRule, control: ControlCalibration | None = None
-) -> CaseResult:
+def score_case(fovs: Iterable[FovResult], rule: CaseRule, control: ControlCalibration | None = None) -> CaseResult:
     """The case score over the counts of all ``fovs`` (summed), with the control's QC and defaults noted."""
     fov_list = list(fovs)
     counts = sum((fov.counts for fov in fov_list), ClassCounts())

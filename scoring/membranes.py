@@ -38,9 +38,7 @@ class CompleteMembranes:
     contours: tuple[npt.NDArray[np.int32], ...]
 
 
-def cell_area_bounds_px(
-    min_diameter_um: float, max_diameter_um: float, pixel_size_um: float
-) -> tuple[float, float]:
+def cell_area_bounds_px(min_diameter_um: float, max_diameter_um: float, pixel_size_um: float) -> tuple[float, float]:
     """Area bounds in px² of a round cell of the given diameters (µm) at ``pixel_size_um``."""
 
     def area(diameter_um: float) -> float:
@@ -49,7 +47,9 @@ def cell_area_bounds_px(
     return area(min_diameter_um), area(max_diameter_um)
 
 
-def complete_membranes(mask: BoolArray, min_area_px: float, max_area_px: float) -> CompleteMembranes:
+def complete_membranes(
+    mask: BoolArray, min_area_px: float, max_area_px: float, min_solidity: float = 0.0
+) -> CompleteMembranes:
     """Find the complete membranes in a binary stain mask.
 
     Parameters
@@ -58,6 +58,9 @@ def complete_membranes(mask: BoolArray, min_area_px: float, max_area_px: float) 
         M_weak or M_intense.
     min_area_px, max_area_px : float
         Area bounds of a tumour cell's interior; other closed contours are not cells.
+    min_solidity : float
+        Least area / convex-hull area of a cell's interior. Cells are roughly convex; the pocket enclosed
+        between three neighbouring round cells is a concave triangle (solidity about 0.6) and is no cell.
     """
     filled = np.zeros(mask.shape, dtype=np.uint8)
     if not mask.any():
@@ -72,10 +75,12 @@ def complete_membranes(mask: BoolArray, min_area_px: float, max_area_px: float) 
     selected: list[npt.NDArray[np.int32]] = []
     centres: list[tuple[float, float]] = []
     for index in np.flatnonzero((links[:, 2] == _NO_CONTOUR) & (links[:, 3] != _NO_CONTOUR)):
-        contour = contours[index]
+        contour = np.asarray(contours[int(index)], dtype=np.int32)
         moments = cv2.moments(contour)
         area = moments["m00"]
         if not min_area_px <= area <= max_area_px:
+            continue
+        if min_solidity > 0 and area < min_solidity * cv2.contourArea(cv2.convexHull(contour)):
             continue
         selected.append(contour)
         centres.append((moments["m01"] / area, moments["m10"] / area))

@@ -7,6 +7,8 @@ kernel whose cost grows with the kernel.
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 import numpy.typing as npt
@@ -35,7 +37,7 @@ def coarsen_any(mask: BoolArray, factor: int) -> BoolArray:
     """
     rows, cols = mask.shape
     size = (max(1, cols // factor), max(1, rows // factor))
-    return cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0  # type: ignore[no-any-return]
+    return np.asarray(cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)) > 0
 
 
 def distance_to(mask: BoolArray) -> npt.NDArray[np.float32]:
@@ -72,7 +74,7 @@ def disk_kernel(radius_px: float) -> npt.NDArray[np.uint8]:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))  # type: ignore[return-value]
 
 
-def sample(mask: npt.NDArray[np.generic], points_rc: npt.NDArray[np.float64]) -> npt.NDArray[np.generic]:
+def sample(mask: npt.NDArray[Any], points_rc: npt.NDArray[np.float64]) -> npt.NDArray[Any]:
     """Values of ``mask`` at (row, col) points, rounded to the nearest pixel and clipped to the image."""
     if len(points_rc) == 0:
         return np.zeros(0, dtype=mask.dtype)
@@ -111,4 +113,4 @@ def _drop_small_components(
         for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
             keep[edge] = True
     keep[0] = False  # label 0 is what is not in mask
-    return np.take(keep, labels)  # type: ignore[no-any-return]
+    return np.take(keep, np.asarray(labels))

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from skimage.morphology import skeletonize
 
-from scoring.morphology import BoolArray
+from scoring.morphology import BoolArray, sample
 from scoring.pipeline import FovAnalysis
 from scoring.results import CaseResult, FovResult, Her2Score
 
@@ -67,7 +67,7 @@ def compose(rgb: npt.NDArray[np.uint8], layers: Iterable[npt.NDArray[np.uint8]])
             raise ValueError(f"layer of shape {layer.shape} does not match image of shape {rgb.shape}")
         alpha = layer[:, :, 3:4].astype(np.float32) / 255.0
         out = out * (1.0 - alpha) + layer[:, :, :3].astype(np.float32) * alpha
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(out + 0.5, 0, 255), dtype=np.uint8)
 
 
 def render_overlay(analysis: FovAnalysis, case: CaseResult | None = None) -> Overlay:
@@ -121,7 +121,7 @@ def _upsample_mask(mask: BoolArray, shape: tuple[int, int]) -> BoolArray:
 def _intensity_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
     shape = analysis.image.fov_shape
     layer = _blank(shape)
-    skeleton = skeletonize(analysis.weak)
+    skeleton: BoolArray = skeletonize(analysis.weak)  # type: ignore[no-untyped-call]
     intense = skeleton & analysis.intense
     weak_only = skeleton & ~analysis.intense
     kernel = np.ones((line, line), np.uint8)
@@ -139,27 +139,26 @@ def _scaled_contours(analysis: FovAnalysis, contours: Iterable[npt.NDArray[np.in
 
 def _completeness_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
     layer = _blank(analysis.image.fov_shape)
-    intense_filled = analysis.intense_complete.filled
-    weak_only = []
-    for contour, centre in zip(analysis.weak_complete.contours, analysis.weak_complete.centres, strict=True):
-        r, c = int(round(centre[0])), int(round(centre[1]))
-        r = min(max(r, 0), intense_filled.shape[0] - 1)
-        c = min(max(c, 0), intense_filled.shape[1] - 1)
-        if not intense_filled[r, c]:
-            weak_only.append(contour)
-    cv2.drawContours(layer, _scaled_contours(analysis, weak_only), -1, _rgba(COMPLETE_WEAK_COLOUR), line,
-                     cv2.LINE_AA)
-    cv2.drawContours(layer, _scaled_contours(analysis, analysis.intense_complete.contours), -1,
-                     _rgba(INTENSE_COLOUR), line, cv2.LINE_AA)
+    # a weak complete membrane whose centre lies inside an intense one is the same 3+ cell: draw it once, red
+    inside_intense = sample(analysis.intense_complete.filled, analysis.weak_complete.centres)
+    weak_only = [c for c, inside in zip(analysis.weak_complete.contours, inside_intense, strict=True) if not inside]
+    cv2.drawContours(layer, _scaled_contours(analysis, weak_only), -1, _rgba(COMPLETE_WEAK_COLOUR), line, cv2.LINE_AA)
+    cv2.drawContours(
+        layer,
+        _scaled_contours(analysis, analysis.intense_complete.contours),
+        -1,
+        _rgba(INTENSE_COLOUR),
+        line,
+        cv2.LINE_AA,
+    )
     return layer
 
 
 def _region_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
     layer = _blank(analysis.image.fov_shape)
-    contours, _ = cv2.findContours(analysis.tumour_region.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(layer, _scaled_contours(analysis, contours), -1, _rgba(REGION_COLOUR, 200), line,
-                     cv2.LINE_AA)
+    contours, _ = cv2.findContours(analysis.tumour_region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    outlines = [np.asarray(c, dtype=np.int32) for c in contours]
+    cv2.drawContours(layer, _scaled_contours(analysis, outlines), -1, _rgba(REGION_COLOUR, 200), line, cv2.LINE_AA)
     return layer
 
 
@@ -170,16 +169,23 @@ def panel_lines(result: FovResult, case: CaseResult | None = None) -> list[tuple
     lines: list[tuple[str, RGB]] = [(f"FOV  HER2 {score}   {call.status.value}", (255, 255, 255))]
     if case is not None:
         case_score = case.call.score.value if case.call.score else "n/a"
-        lines.append((f"CASE HER2 {case_score}   {case.call.status.value}   ({case.n_fovs} FOVs)",
-                      (255, 255, 255)))
+        lines.append((f"CASE HER2 {case_score}   {case.call.status.value}   ({case.n_fovs} FOVs)", (255, 255, 255)))
     lines.append((f"{result.counts.total} tumour cells", (230, 230, 230)))
     for her2_class in Her2Score:
         n = result.counts[her2_class]
-        lines.append((f"{her2_class.value:>2}: {n:5d}  {result.percentages[her2_class.value]:5.1f}%",
-                      CLASS_COLOURS[her2_class]))
+        lines.append(
+            (
+                f"{her2_class.value:>2}: {n:5d}  {result.percentages[her2_class.value]:5.1f}%",
+                CLASS_COLOURS[her2_class],
+            )
+        )
     lines.append((call.reason, (230, 230, 230)))
-    lines.append((f"intense > {result.intense_threshold_od:.2f} OD ({result.intense_threshold_source.value})",
-                  (200, 200, 200)))
+    lines.append(
+        (
+            f"intense > {result.intense_threshold_od:.2f} OD ({result.intense_threshold_source.value})",
+            (200, 200, 200),
+        )
+    )
     for warning in result.warnings:
         lines.append((f"! {warning}", (255, 190, 60)))
     return lines

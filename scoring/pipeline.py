@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -63,13 +64,13 @@ class AnalysisImage:
 
     def to_fov(self, points_rc: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """(row, col) analysis pixels → FOV pixels (pixel centres map to pixel centres)."""
-        scale = np.asarray(self.scale)
-        return (points_rc + 0.5) * scale - 0.5
+        scale = np.asarray(self.scale, dtype=np.float64)
+        return np.asarray((points_rc + 0.5) * scale - 0.5, dtype=np.float64)
 
     def from_fov(self, points_rc: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """(row, col) FOV pixels → analysis pixels."""
-        scale = np.asarray(self.scale)
-        return (points_rc + 0.5) / scale - 0.5
+        scale = np.asarray(self.scale, dtype=np.float64)
+        return np.asarray((points_rc + 0.5) / scale - 0.5, dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,7 @@ def prepare(
     if factor > 1.05:
         size = (max(16, round(cols / factor)), max(16, round(rows / factor)))
         # Area averaging in the intensity domain is what a coarser camera pixel would have measured.
-        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        small: npt.NDArray[Any] = np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))  # type: ignore[arg-type]
     else:
         small = image
     if params.stains.estimate_from_image:
@@ -138,12 +139,7 @@ def polygon_mask(polygon_rc: Sequence[RowCol], analysis: AnalysisImage) -> BoolA
     if not np.isfinite(points).all():
         raise ValueError("ROI polygon has non-finite coordinates")
     rows, cols = analysis.fov_shape
-    if (
-        points[:, 0].max() < 0
-        or points[:, 1].max() < 0
-        or points[:, 0].min() >= rows
-        or points[:, 1].min() >= cols
-    ):
+    if points[:, 0].max() < 0 or points[:, 1].max() < 0 or points[:, 0].min() >= rows or points[:, 1].min() >= cols:
         raise ValueError(f"ROI polygon lies outside the {rows}x{cols} FOV")
     small = analysis.from_fov(points)
     mask = np.zeros(analysis.densities.dab.shape, dtype=np.uint8)
@@ -185,7 +181,7 @@ def stain_masks(analysis: AnalysisImage, params: ScoringParams, intense_threshol
     px = analysis.pixel_size_um
     dab = analysis.densities.dab
     background = cv2.morphologyEx(dab, cv2.MORPH_OPEN, morphology.disk_kernel(params.membrane_width_um / px))
-    membrane_dab = cv2.subtract(dab, background)
+    membrane_dab = np.asarray(cv2.subtract(dab, background), dtype=np.float32)
     weak = morphology.remove_small(
         membrane_dab > params.weak_threshold_od, params.min_membrane_fragment_um2 / (px * px)
     )
@@ -198,6 +194,7 @@ def stain_masks(analysis: AnalysisImage, params: ScoringParams, intense_threshol
         nucleus_mask | weak,
         params.tumour_region_closing_um / px,
         params.tumour_region_opening_um / px,
+        params.tumour_region_margin_um / px,
         work_scale=max(1, round(_REGION_PIXEL_SIZE_UM / px)),
     )
     return StainMasks(membrane_dab, weak, intense, nucleus_mask, region)
@@ -232,7 +229,6 @@ def analyse_fov(
     rule = rule or CaseRule()
     analysis = prepare(image, pixel_size_um, params, channel_order)
     px = analysis.pixel_size_um
-    dab = analysis.densities.dab
     h_od = analysis.densities.haematoxylin
 
     if control is None:
@@ -248,8 +244,8 @@ def analyse_fov(
     nucleus_radius_px = params.nucleus_diameter_um / 2.0 / px
 
     min_area, max_area = cell_area_bounds_px(params.min_cell_diameter_um, params.max_cell_diameter_um, px)
-    weak_complete = complete_membranes(weak, min_area, max_area)
-    intense_complete = complete_membranes(intense, min_area, max_area)
+    weak_complete = complete_membranes(weak, min_area, max_area, params.min_cell_solidity)
+    intense_complete = complete_membranes(intense, min_area, max_area, params.min_cell_solidity)
 
     p_intense = intense_complete.centres[morphology.sample(region, intense_complete.centres).astype(bool)]
     p_weak = weak_complete.centres[morphology.sample(region, weak_complete.centres).astype(bool)]

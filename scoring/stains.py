@@ -88,10 +88,10 @@ def check_rgb(image: object, name: str = "image") -> npt.NDArray[np.generic]:
 def optical_density(image: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
     """Per-channel OD = -log10(I / white) of an (M, N, 3) uint8, uint16 or float [0, 1] image; float32 out."""
     if image.dtype == np.uint8:
-        return cv2.LUT(np.ascontiguousarray(image), _OD_LUT_U8)  # type: ignore[return-value]
+        return np.asarray(cv2.LUT(np.ascontiguousarray(image), _OD_LUT_U8), dtype=np.float32)
     full_scale = 65535.0 if image.dtype == np.uint16 else 1.0
     transmission = np.maximum(image.astype(np.float32) / np.float32(full_scale), np.float32(_MIN_TRANSMISSION))
-    return (-np.log10(transmission)).astype(np.float32)
+    return np.asarray(-np.log10(transmission), dtype=np.float32)
 
 
 def deconvolve(
@@ -124,7 +124,9 @@ def deconvolve(
     np.maximum(amounts, 0.0, out=amounts)
     h, d = cv2.split(amounts)
     return StainDensities(
-        haematoxylin=h, dab=d, vectors=(_as_vector(_unit(haematoxylin)), _as_vector(_unit(dab)))
+        haematoxylin=np.asarray(h, dtype=np.float32),
+        dab=np.asarray(d, dtype=np.float32),
+        vectors=(_as_vector(_unit(haematoxylin)), _as_vector(_unit(dab))),
     )
 
 

@@ -1,0 +1,70 @@
+"""Shared fixtures: synthetic FOVs with ground truth, their controls, and the real sample crops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from scoring import ControlCalibration, calibrate_from_control
+from scoring.synthetic import SyntheticFov, render_control, render_fov
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+PIXEL_SIZE_40X = 0.25
+
+
+@cache
+def synthetic_fov(
+    mix: tuple[tuple[str, float], ...],
+    batch_strength: float = 1.0,
+    pixel_size_um: float = PIXEL_SIZE_40X,
+    seed: int = 5,
+    shape: tuple[int, int] = (1080, 1920),
+    jpeg_quality: int | None = None,
+) -> SyntheticFov:
+    """A cached synthetic FOV (rendering takes ~0.2 s; many tests share the same ones)."""
+    return render_fov(
+        shape, pixel_size_um, dict(mix), batch_strength=batch_strength, seed=seed, jpeg_quality=jpeg_quality
+    )
+
+
+@cache
+def synthetic_control(batch_strength: float = 1.0, pixel_size_um: float = PIXEL_SIZE_40X) -> ControlCalibration:
+    """The calibration from a synthetic positive control of the given batch."""
+    control = render_control(pixel_size_um=pixel_size_um, batch_strength=batch_strength, seed=11)
+    return calibrate_from_control(control.rgb, pixel_size_um)
+
+
+@pytest.fixture(scope="session")
+def sample() -> Callable[[str], np.ndarray]:
+    """Read a real sample crop (RGB) by its file name."""
+
+    def read(name: str) -> np.ndarray:
+        bgr = cv2.imread(str(SAMPLES / name))
+        assert bgr is not None, f"missing sample {name}"
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    return read
+
+
+def match_cells(detected_rc: np.ndarray, truth_rc: np.ndarray, max_distance_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy one-to-one nearest matching; returns index arrays (detected, truth) of matched pairs."""
+    if len(detected_rc) == 0 or len(truth_rc) == 0:
+        return np.zeros(0, int), np.zeros(0, int)
+    distances = np.hypot(*(detected_rc[:, None, :] - truth_rc[None, :, :]).transpose(2, 0, 1))
+    pairs = np.argwhere(distances <= max_distance_px)
+    order = np.argsort(distances[pairs[:, 0], pairs[:, 1]])
+    used_d: set[int] = set()
+    used_t: set[int] = set()
+    matched = []
+    for d, t in pairs[order]:
+        if d not in used_d and t not in used_t:
+            used_d.add(int(d))
+            used_t.add(int(t))
+            matched.append((d, t))
+    array = np.array(matched, dtype=int).reshape(-1, 2)
+    return array[:, 0], array[:, 1]
