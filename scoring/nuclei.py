@@ -12,22 +12,28 @@ from scoring import morphology
 from scoring.morphology import BoolArray
 
 
-def nucleus_mask(haematoxylin_od: npt.NDArray[np.float32], threshold_od: float, radius_px: float) -> BoolArray:
-    """Haematoxylin above ``threshold_od``, opened by a disk of half a nucleus radius to drop specks."""
-    mask = (haematoxylin_od > threshold_od).astype(np.uint8)
-    kernel = morphology.disk_kernel(max(1.0, radius_px / 2.0))
-    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel).astype(bool)
+def smooth_haematoxylin(haematoxylin_od: npt.NDArray[np.float32], radius_px: float) -> npt.NDArray[np.float32]:
+    """Haematoxylin OD smoothed at a third of the nucleus radius: chromatin texture, JPEG blocks and noise merge,
+    so that a pale nucleus is one solid blob with one peak."""
+    return np.asarray(cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.8, radius_px / 3.0)), dtype=np.float32)
+
+
+def nucleus_mask(smooth_h_od: npt.NDArray[np.float32], threshold_od: float, radius_px: float) -> BoolArray:
+    """Smoothed haematoxylin above ``threshold_od``, opened by a disk of a third of a nucleus radius (specks go)."""
+    mask = (smooth_h_od > threshold_od).astype(np.uint8)
+    kernel = morphology.disk_kernel(max(1.0, radius_px / 3.0))
+    return np.asarray(cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)).astype(bool)
 
 
 def clear_nuclei(
-    haematoxylin_od: npt.NDArray[np.float32],
+    smooth_h_od: npt.NDArray[np.float32],
     mask: BoolArray,
     radius_px: float,
-    min_prominence_od: float = 0.05,
+    min_prominence_od: float = 0.03,
 ) -> npt.NDArray[np.float64]:
     """Centres of clear nuclei [P_clear]: local maxima of the smoothed haematoxylin inside ``mask``.
 
-    Smoothing at a third of the nucleus radius merges a nucleus's chromatin texture into one peak; a peak must be
+    The smoothing (:func:`smooth_haematoxylin`) merges a nucleus's chromatin texture into one peak; a peak must be
     the maximum of a square around it as large as a disk of one nucleus radius, so two nuclei closer than about
     that count once (a square, not a disk, because its max filter is separable and several times faster).
     A peak must also rise ``min_prominence_od`` above the lowest value within two nucleus radii: a uniform field
@@ -39,8 +45,7 @@ def clear_nuclei(
     """
     if not mask.any():
         return np.zeros((0, 2))
-    sigma = max(0.8, radius_px / 3.0)
-    smooth = cv2.GaussianBlur(haematoxylin_od, (0, 0), sigma)
+    smooth = smooth_h_od
     side = 2 * max(1, round(radius_px * math.sqrt(math.pi) / 2.0)) + 1
     neighbourhood = cv2.dilate(smooth, np.ones((side, side), np.uint8))
     floor = cv2.erode(smooth, np.ones((2 * side - 1, 2 * side - 1), np.uint8))
