@@ -221,3 +221,43 @@ def test_weak_threshold_from_a_region_of_weak_staining() -> None:
     assert 0.02 < threshold < 0.2
     with pytest.raises(ValueError, match="no DAB contrast"):
         weak_threshold_from_region(blank_fov((540, 960)), PIXEL_SIZE_40X, whole)
+
+
+CASES = {
+    Her2Score.THREE_PLUS: (("0", 0.2), ("1+", 0.2), ("2+", 0.3), ("3+", 0.3)),
+    Her2Score.TWO_PLUS: (("0", 0.6), ("1+", 0.2), ("2+", 0.2)),
+    Her2Score.ONE_PLUS: (("0", 0.6), ("1+", 0.4)),
+    Her2Score.ZERO: (("0", 0.97), ("1+", 0.03)),
+}
+
+
+@pytest.mark.parametrize("batch_strength", [0.7, 1.3])
+@pytest.mark.parametrize("expected", list(CASES))
+def test_case_score_over_several_fovs_across_batches(expected: Her2Score, batch_strength: float) -> None:
+    from config.scoring import CaseRule
+    from scoring import score_case
+
+    control = synthetic_control(batch_strength)
+    fovs = [synthetic_fov(CASES[expected], batch_strength, seed=seed) for seed in (21, 22, 23)]
+    results = [score_fov(fov.rgb, PIXEL_SIZE_40X, control=control) for fov in fovs]
+    case = score_case(results, CaseRule(), control)
+    truth = {k: sum(fov.counts()[k] for fov in fovs) for k in CLASSES}
+    assert case.call.score == expected, (case.counts, truth)
+    assert case.counts.total >= 0.8 * sum(truth.values())
+    assert case.n_fovs == 3 and case.control == control and case.warnings == ()
+    if expected == Her2Score.ZERO:
+        assert case.call.zero_subtype is not None
+
+
+def test_control_calibrated_from_a_chosen_region() -> None:
+    from scoring.synthetic import render_control
+
+    control = render_control(pixel_size_um=PIXEL_SIZE_40X, seed=11)
+    whole = calibrate_from_control(control.rgb, PIXEL_SIZE_40X)
+    left = [(0.0, 0.0), (0.0, 960.0), (1079.0, 960.0), (1079.0, 0.0)]
+    region = calibrate_from_control(control.rgb, PIXEL_SIZE_40X, region_polygon=left)
+    assert region.source == ThresholdSource.CONTROL_REGION and whole.source == ThresholdSource.CONTROL
+    assert region.n_membrane_pixels < whole.n_membrane_pixels
+    assert region.intense_threshold_od == pytest.approx(whole.intense_threshold_od, rel=0.1)
+    result = score_fov(synthetic_fov((("3+", 1.0),)).rgb, PIXEL_SIZE_40X, control=region)
+    assert result.intense_threshold_source == ThresholdSource.CONTROL_REGION
