@@ -10,7 +10,7 @@ from typing import Any
 from clients.images import InputError, read_rgb, write_rgb
 from config.scoring import CaseRule, ScoringParams
 from scoring import analyse_fov, calibrate_from_control, score_case
-from scoring.overlay import render_overlay
+from scoring.overlay import DEFAULT_LAYERS, render_overlay
 from scoring.pipeline import check_pixel_size
 from scoring.results import CaseResult, FovResult, ScoreCall
 
@@ -101,7 +101,7 @@ def score_files(
         if overlay_dir is not None:
             analysis = analyse_fov(control_image, pixel_size_um, params, control=calibration, rule=rule)
             path = overlay_dir / f"{control.stem}_control_overlay.png"
-            write_rgb(path, render_overlay(analysis).compose(_as_uint8(control_image)))
+            write_rgb(path, render_overlay(analysis).compose(_as_uint8(control_image), DEFAULT_LAYERS))
             control_doc["overlay"] = str(path)
 
     fov_docs = []
@@ -117,7 +117,7 @@ def score_files(
         overlay_path = None
         if overlay_dir is not None:
             overlay_path = overlay_dir / f"{path.stem}_overlay.png"
-            write_rgb(overlay_path, render_overlay(analysis).compose(_as_uint8(image)))
+            write_rgb(overlay_path, render_overlay(analysis).compose(_as_uint8(image), DEFAULT_LAYERS))
         fov_docs.append(fov_document(path, analysis.result, overlay_path))
     case = score_case(results, rule, calibration)
     return {

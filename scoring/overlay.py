@@ -28,6 +28,8 @@ from scoring.results import CaseResult, FovResult, Her2Score
 RGB = tuple[int, int, int]
 
 LAYER_NAMES: tuple[str, ...] = ("cells", "intensity", "completeness", "region", "panel")
+#: What a pathologist sees first: the dense intensity skeleton hides the tissue, so it is shown on demand.
+DEFAULT_LAYERS: tuple[str, ...] = ("cells", "completeness", "region", "panel")
 
 CLASS_COLOURS: Mapping[Her2Score, RGB] = {
     Her2Score.ZERO: (40, 120, 255),
@@ -55,8 +57,20 @@ class Overlay:
     layers: Mapping[str, npt.NDArray[np.uint8]]
 
     def compose(self, rgb: npt.NDArray[np.uint8], visible: Iterable[str] | None = None) -> npt.NDArray[np.uint8]:
-        """Alpha-blend the ``visible`` layers (all if None) over a copy of ``rgb`` (M, N, 3) uint8."""
-        return compose(rgb, [self.layers[name] for name in (visible or LAYER_NAMES) if name in self.layers])
+        """Alpha-blend the ``visible`` layers, in the given order, over a copy of ``rgb`` (M, N, 3) uint8.
+
+        ``None`` shows all layers in ``LAYER_NAMES`` order; an empty list shows none (a copy of ``rgb``).
+
+        Raises
+        ------
+        ValueError
+            A name in ``visible`` is not one of this overlay's layers, or a layer does not match ``rgb``.
+        """
+        names = list(LAYER_NAMES if visible is None else visible)
+        unknown = [name for name in names if name not in self.layers]
+        if unknown:
+            raise ValueError(f"unknown overlay layer(s) {unknown}; the layers are {sorted(self.layers)}")
+        return compose(rgb, [self.layers[name] for name in names])
 
 
 def compose(rgb: npt.NDArray[np.uint8], layers: Iterable[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
@@ -108,7 +122,7 @@ def _cells_layer(
     arm = max(3, round(1.2 * um))
     for row, col in excluded_rc:
         centre = (round(col), round(row))
-        cv2.drawMarker(layer, centre, _rgba(EXCLUDED_COLOUR, 220), cv2.MARKER_CROSS, 2 * arm, max(1, thickness // 2))
+        cv2.drawMarker(layer, centre, _rgba(EXCLUDED_COLOUR, 220), cv2.MARKER_CROSS, 2 * arm, max(2, thickness // 2))
     return layer
 
 
@@ -156,7 +170,8 @@ def _completeness_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint
 
 def _region_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
     layer = _blank(analysis.image.fov_shape)
-    contours, _ = cv2.findContours(analysis.tumour_region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    # outer borders and holes (lumens, stroma islands): cells in a hole were not counted
+    contours, _ = cv2.findContours(analysis.tumour_region.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     outlines = [np.asarray(c, dtype=np.int32) for c in contours]
     cv2.drawContours(layer, _scaled_contours(analysis, outlines), -1, _rgba(REGION_COLOUR, 200), line, cv2.LINE_AA)
     return layer
@@ -169,7 +184,8 @@ def panel_lines(result: FovResult, case: CaseResult | None = None) -> list[tuple
     lines: list[tuple[str, RGB]] = [(f"FOV  HER2 {score}   {call.status.value}", (255, 255, 255))]
     if case is not None:
         case_score = case.call.score.value if case.call.score else "n/a"
-        lines.append((f"CASE HER2 {case_score}   {case.call.status.value}   ({case.n_fovs} FOVs)", (255, 255, 255)))
+        fovs = f"{case.n_fovs} FOV" + ("" if case.n_fovs == 1 else "s")
+        lines.append((f"CASE HER2 {case_score}   {case.call.status.value}   ({fovs})", (255, 255, 255)))
     lines.append((f"{result.counts.total} tumour cells", (230, 230, 230)))
     for her2_class in Her2Score:
         n = result.counts[her2_class]
@@ -187,24 +203,43 @@ def panel_lines(result: FovResult, case: CaseResult | None = None) -> list[tuple
         )
     )
     for warning in result.warnings:
+        if warning == call.reason:  # "not assessable" is both the reason and a warning: show it once
+            continue
         lines.append((f"! {warning}", (255, 190, 60)))
     return lines
 
 
 def panel_layer(shape: tuple[int, int], result: FovResult, case: CaseResult | None = None) -> npt.NDArray[np.uint8]:
-    """A semi-opaque box in the top-left corner with the panel's text, sized to the FOV's width."""
+    """A semi-opaque box in the top-left corner with the panel's text, sized to the FOV's width.
+
+    Lines in a class colour are written in white behind a swatch of that colour, which stays legible on the dark
+    box; the font shrinks so that the longest line fits the FOV.
+    """
     layer = _blank(shape)
     lines = panel_lines(result, case)
+    class_colours = set(CLASS_COLOURS.values())
     font_scale = max(0.45, shape[1] / 1920 * 0.75)
     thickness = 1 if font_scale < 0.7 else 2
     (_, text_height), baseline = cv2.getTextSize("Hg", _FONT, font_scale, thickness)
+    swatch = text_height + 4
+    width = max(cv2.getTextSize(text, _FONT, font_scale, thickness)[0][0] for text, _ in lines) + swatch * 2
+    if width > 0.95 * shape[1]:
+        font_scale *= 0.95 * shape[1] / width
+        thickness = 1
+        (_, text_height), baseline = cv2.getTextSize("Hg", _FONT, font_scale, thickness)
+        swatch = text_height + 4
+        width = max(cv2.getTextSize(text, _FONT, font_scale, thickness)[0][0] for text, _ in lines) + swatch * 2
     step = text_height + baseline + max(4, text_height // 2)
-    width = max(cv2.getTextSize(text, _FONT, font_scale, thickness)[0][0] for text, _ in lines)
     margin = max(6, text_height // 2)
     box_w = min(shape[1] - 1, width + 2 * margin)
     box_h = min(shape[0] - 1, step * len(lines) + margin)
-    layer[:box_h, :box_w] = (20, 20, 20, 200)
+    layer[:box_h, :box_w] = (20, 20, 20, 210)
     for i, (text, colour) in enumerate(lines):
-        origin = (margin, margin + text_height + i * step)
-        cv2.putText(layer, text, origin, _FONT, font_scale, _rgba(colour), thickness, cv2.LINE_AA)
+        baseline_y = margin + text_height + i * step
+        x = margin
+        if colour in class_colours:
+            cv2.rectangle(layer, (x, baseline_y - text_height), (x + swatch - 4, baseline_y), _rgba(colour), cv2.FILLED)
+            x += swatch * 2
+            colour = (255, 255, 255)
+        cv2.putText(layer, text, (x, baseline_y), _FONT, font_scale, _rgba(colour), thickness, cv2.LINE_AA)
     return layer
