@@ -261,3 +261,15 @@ def test_control_calibrated_from_a_chosen_region() -> None:
     assert region.intense_threshold_od == pytest.approx(whole.intense_threshold_od, rel=0.1)
     result = score_fov(synthetic_fov((("3+", 1.0),)).rgb, PIXEL_SIZE_40X, control=region)
     assert result.intense_threshold_source == ThresholdSource.CONTROL_REGION
+
+
+def test_scikit_image_ihc_sample_is_scored() -> None:
+    from skimage import data
+
+    image = data.immunohistochemistry()  # 512x512 real IHC (DAB + haematoxylin), about 0.5 µm/px
+    analysis = analyse_fov(image, 0.5)
+    result = analysis.result
+    assert result.counts.total > 50
+    assert result.counts["3+"] + result.counts["2+"] > 0  # its strongly stained glands have closed outlines
+    assert not (analysis.intense & ~analysis.weak).any()
+    assert analyse_fov(image, 0.5).result == result
