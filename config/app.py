@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from config.daemon import DaemonConfig
 from config.scoring import CaseRule, ScoringParams
 
 
@@ -31,6 +32,7 @@ class AppConfig(BaseModel):
     optics: OpticsConfig = OpticsConfig()
     scoring: ScoringParams = ScoringParams()
     case_rule: CaseRule = CaseRule()
+    daemon: DaemonConfig = DaemonConfig()
 
 
 def default_config_text() -> str:

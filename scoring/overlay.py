@@ -84,19 +84,38 @@ def compose(rgb: npt.NDArray[np.uint8], layers: Iterable[npt.NDArray[np.uint8]])
     return np.asarray(np.clip(out + 0.5, 0, 255), dtype=np.uint8)
 
 
-def render_overlay(analysis: FovAnalysis, case: CaseResult | None = None) -> Overlay:
-    """Draw all layers of a FOV's analysis; ``case`` adds the running case score to the panel."""
+@dataclass(frozen=True, slots=True)
+class _Canvas:
+    """Where layers are drawn: ``shape`` pixels, ``factor`` canvas pixels per FOV pixel."""
+
+    shape: tuple[int, int]
+    factor: float
+
+    def points(self, fov_rc: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return (fov_rc + 0.5) * self.factor - 0.5
+
+
+def render_overlay(analysis: FovAnalysis, case: CaseResult | None = None, *, width: int | None = None) -> Overlay:
+    """Draw all layers of a FOV's analysis; ``case`` adds the running case score to the panel.
+
+    ``width`` draws the layers at that width instead of the FOV's (e.g. a display's, which is also much faster to
+    draw and to encode); the height follows the FOV's aspect ratio.
+    """
     rows, cols = analysis.image.fov_shape
+    if width is not None and width < 16:
+        raise ValueError(f"overlay width must be at least 16 pixels, got {width}")
+    factor = 1.0 if width is None else width / cols
+    canvas = _Canvas((max(1, round(rows * factor)), width or cols), factor)
     result = analysis.result
     # Line widths and marker sizes follow the FOV's physical scale but stay visible on screen.
-    um = 1.0 / result.pixel_size_um  # FOV pixels per µm
+    um = factor / result.pixel_size_um  # canvas pixels per µm
     line = max(2, round(0.6 * um))
     layers = {
-        "cells": _cells_layer((rows, cols), result, analysis.excluded_nuclei_rc, um),
-        "intensity": _intensity_layer(analysis, line),
-        "completeness": _completeness_layer(analysis, line),
-        "region": _region_layer(analysis, line),
-        "panel": panel_layer((rows, cols), result, case),
+        "cells": _cells_layer(canvas, result, analysis.excluded_nuclei_rc, um),
+        "intensity": _intensity_layer(analysis, canvas, line),
+        "completeness": _completeness_layer(analysis, canvas, line),
+        "region": _region_layer(analysis, canvas, line),
+        "panel": panel_layer(canvas.shape, result, case),
     }
     return Overlay(layers)
 
@@ -110,17 +129,18 @@ def _rgba(colour: RGB, alpha: int = 255) -> tuple[int, int, int, int]:
 
 
 def _cells_layer(
-    shape: tuple[int, int], result: FovResult, excluded_rc: npt.NDArray[np.float64], um: float
+    canvas: _Canvas, result: FovResult, excluded_rc: npt.NDArray[np.float64], um: float
 ) -> npt.NDArray[np.uint8]:
-    layer = _blank(shape)
+    layer = _blank(canvas.shape)
     radius = max(4, round(2.5 * um))
     thickness = max(2, round(0.5 * um))
-    for cell in result.cells:
-        centre = (round(cell.col), round(cell.row))
+    positions = canvas.points(np.array([(c.row, c.col) for c in result.cells], dtype=np.float64).reshape(-1, 2))
+    for cell, (row, col) in zip(result.cells, positions, strict=True):
+        centre = (round(col), round(row))
         cv2.circle(layer, centre, radius + thickness, (0, 0, 0, 160), thickness, cv2.LINE_AA)
         cv2.circle(layer, centre, radius, _rgba(CLASS_COLOURS[cell.her2_class]), thickness, cv2.LINE_AA)
     arm = max(3, round(1.2 * um))
-    for row, col in excluded_rc:
+    for row, col in canvas.points(excluded_rc):
         centre = (round(col), round(row))
         cv2.drawMarker(layer, centre, _rgba(EXCLUDED_COLOUR, 220), cv2.MARKER_CROSS, 2 * arm, max(2, thickness // 2))
     return layer
@@ -132,8 +152,8 @@ def _upsample_mask(mask: BoolArray, shape: tuple[int, int]) -> BoolArray:
     return cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
-def _intensity_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
-    shape = analysis.image.fov_shape
+def _intensity_layer(analysis: FovAnalysis, canvas: _Canvas, line: int) -> npt.NDArray[np.uint8]:
+    shape = canvas.shape
     layer = _blank(shape)
     skeleton: BoolArray = skeletonize(analysis.weak)  # type: ignore[no-untyped-call]
     intense = skeleton & analysis.intense
@@ -145,21 +165,25 @@ def _intensity_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
     return layer
 
 
-def _scaled_contours(analysis: FovAnalysis, contours: Iterable[npt.NDArray[np.int32]]) -> list[npt.NDArray[np.int32]]:
+def _scaled_contours(
+    analysis: FovAnalysis, canvas: _Canvas, contours: Iterable[npt.NDArray[np.int32]]
+) -> list[npt.NDArray[np.int32]]:
     scale_row, scale_col = analysis.image.scale
-    factor = np.array([scale_col, scale_row])
+    factor = np.array([scale_col, scale_row]) * canvas.factor
     return [np.rint((c.astype(np.float64) + 0.5) * factor - 0.5).astype(np.int32) for c in contours]
 
 
-def _completeness_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
-    layer = _blank(analysis.image.fov_shape)
+def _completeness_layer(analysis: FovAnalysis, canvas: _Canvas, line: int) -> npt.NDArray[np.uint8]:
+    layer = _blank(canvas.shape)
     # a weak complete membrane whose centre lies inside an intense one is the same 3+ cell: draw it once, red
     inside_intense = sample(analysis.intense_complete.filled, analysis.weak_complete.centres)
     weak_only = [c for c, inside in zip(analysis.weak_complete.contours, inside_intense, strict=True) if not inside]
-    cv2.drawContours(layer, _scaled_contours(analysis, weak_only), -1, _rgba(COMPLETE_WEAK_COLOUR), line, cv2.LINE_AA)
+    cv2.drawContours(
+        layer, _scaled_contours(analysis, canvas, weak_only), -1, _rgba(COMPLETE_WEAK_COLOUR), line, cv2.LINE_AA
+    )
     cv2.drawContours(
         layer,
-        _scaled_contours(analysis, analysis.intense_complete.contours),
+        _scaled_contours(analysis, canvas, analysis.intense_complete.contours),
         -1,
         _rgba(INTENSE_COLOUR),
         line,
@@ -168,12 +192,14 @@ def _completeness_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint
     return layer
 
 
-def _region_layer(analysis: FovAnalysis, line: int) -> npt.NDArray[np.uint8]:
-    layer = _blank(analysis.image.fov_shape)
+def _region_layer(analysis: FovAnalysis, canvas: _Canvas, line: int) -> npt.NDArray[np.uint8]:
+    layer = _blank(canvas.shape)
     # outer borders and holes (lumens, stroma islands): cells in a hole were not counted
     contours, _ = cv2.findContours(analysis.tumour_region.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     outlines = [np.asarray(c, dtype=np.int32) for c in contours]
-    cv2.drawContours(layer, _scaled_contours(analysis, outlines), -1, _rgba(REGION_COLOUR, 200), line, cv2.LINE_AA)
+    cv2.drawContours(
+        layer, _scaled_contours(analysis, canvas, outlines), -1, _rgba(REGION_COLOUR, 200), line, cv2.LINE_AA
+    )
     return layer
 
 

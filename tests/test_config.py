@@ -31,7 +31,7 @@ def test_default_config_equals_model_defaults() -> None:
 def test_default_toml_lists_every_field_with_its_default() -> None:
     # "Every field is optional; a missing one takes the value shown here": the file must show all of them.
     document = tomllib.loads(default_config_text())
-    assert document == AppConfig().model_dump(mode="json")
+    assert document == AppConfig().model_dump(mode="json", exclude_none=True)  # TOML has no null: unset = absent
 
 
 def test_explicit_default_file_loads_the_same(tmp_path: Path) -> None:

@@ -1,0 +1,310 @@
+"""The current case: its FOVs, control calibration, the pathologist's adjustments and the running case score.
+
+Persisted atomically after every change (``case.json`` written to a temporary file, fsynced, renamed), with each
+captured image saved losslessly beside it, so that a daemon restarted mid-case resumes it where it was.
+
+Layout under the state directory::
+
+    current -> cases/<case_id>       (a file naming the open case)
+    cases/<case_id>/case.json
+    cases/<case_id>/<fov_id>.png     (BGR as captured, lossless)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from config.scoring import CaseRule, ScoringParams
+from scoring.case import score_case
+from scoring.results import ControlCalibration, FovResult
+
+RowCol = tuple[float, float]
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+
+class CaseError(ValueError):
+    """A request that does not fit the case (unknown FOV, no open case, bad case id); says why."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FovRecord(_Model):
+    """One captured field (or the control) of the case."""
+
+    fov_id: str
+    kind: Literal["fov", "control"]
+    index: int
+    captured_at: str
+    trigger: str
+    image_file: str
+    pixel_size_um: float
+    status: Literal["pending", "scored", "failed"] = "pending"
+    result: FovResult | None = None
+    error: str | None = None
+    excluded: bool = False
+    roi: tuple[RowCol, ...] | None = None
+
+
+class Adjustment(_Model):
+    """Something the pathologist changed (ROI, thresholds, exclusions, re-scores), for the audit trail."""
+
+    time: str
+    action: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class CaseState(_Model):
+    """Everything needed to resume, audit and re-score the case."""
+
+    case_id: str
+    operator: str | None = None
+    started_at: str
+    closed_at: str | None = None
+    params: ScoringParams
+    rule: CaseRule
+    control: ControlCalibration | None = None
+    control_fov_id: str | None = None
+    fovs: tuple[FovRecord, ...] = ()
+    adjustments: tuple[Adjustment, ...] = ()
+    next_index: int = 1
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class CaseStore:
+    """Holds the open case and keeps its folder in step. Used from the daemon's main thread only."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._case: CaseState | None = None
+
+    @property
+    def case(self) -> CaseState | None:
+        """The open case, or None."""
+        return self._case
+
+    @property
+    def case_dir(self) -> Path:
+        """The open case's folder."""
+        if self._case is None:
+            raise CaseError("no case is open")
+        return self.directory / "cases" / self._case.case_id
+
+    def resume(self) -> CaseState | None:
+        """Reopen the case that was open when the daemon stopped, if any."""
+        pointer = self.directory / "current"
+        if not pointer.is_file():
+            return None
+        case_id = pointer.read_text(encoding="utf-8").strip()
+        path = self.directory / "cases" / case_id / "case.json"
+        try:
+            case = CaseState.model_validate_json(path.read_bytes())
+        except (OSError, ValueError) as error:
+            raise CaseError(f"cannot resume case {case_id!r} from {path}: {error}") from None
+        if case.closed_at is None:
+            self._case = case
+        return self._case
+
+    def start(
+        self, params: ScoringParams, rule: CaseRule, case_id: str | None = None, operator: str | None = None
+    ) -> CaseState:
+        """Open a new case (closing the open one first)."""
+        if case_id is None:
+            case_id = "case-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        if not _CASE_ID.match(case_id):
+            raise CaseError(f"case id {case_id!r} must be 1-80 letters, digits, '.', '_' or '-' (it names a folder)")
+        if (self.directory / "cases" / case_id / "case.json").exists():
+            raise CaseError(f"case {case_id!r} already exists; choose another id")
+        if self._case is not None:
+            self.close()
+        self._case = CaseState(case_id=case_id, operator=operator, started_at=_now(), params=params, rule=rule)
+        self.case_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._persist()
+        _atomic_write(self.directory / "current", case_id.encode())
+        return self._case
+
+    def close(self) -> CaseState:
+        """Close the open case; it stays on disk."""
+        case = self._require()
+        self._case = case.model_copy(update={"closed_at": _now()})
+        self._persist()
+        (self.directory / "current").unlink(missing_ok=True)
+        closed = self._case
+        self._case = None
+        return closed
+
+    def add_capture(
+        self, kind: Literal["fov", "control"], image_bgr: npt.NDArray[np.uint8], trigger: str, pixel_size_um: float
+    ) -> FovRecord:
+        """Save a captured image losslessly and add it to the case as pending. OSError when the disk is full."""
+        case = self._require()
+        fov_id = f"{'control' if kind == 'control' else 'fov'}-{case.next_index:03d}"
+        file_name = f"{fov_id}.png"
+        ok, png = cv2.imencode(".png", image_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise OSError(f"could not encode {fov_id} as PNG")
+        _atomic_write(self.case_dir / file_name, png.tobytes())
+        record = FovRecord(
+            fov_id=fov_id,
+            kind=kind,
+            index=case.next_index,
+            captured_at=_now(),
+            trigger=trigger,
+            image_file=file_name,
+            pixel_size_um=pixel_size_um,
+        )
+        self._case = case.model_copy(update={"fovs": (*case.fovs, record), "next_index": case.next_index + 1})
+        self._persist()
+        return record
+
+    def record(self, fov_id: str) -> FovRecord:
+        """The record of ``fov_id``; CaseError if the case has no such FOV."""
+        for record in self._require().fovs:
+            if record.fov_id == fov_id:
+                return record
+        raise CaseError(f"no FOV {fov_id!r} in case {self._require().case_id!r}")
+
+    def image(self, fov_id: str) -> npt.NDArray[np.uint8]:
+        """The captured image (BGR) of ``fov_id``, read back from the case folder."""
+        path = self.case_dir / self.record(fov_id).image_file
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise CaseError(f"the image of {fov_id} ({path}) cannot be read")
+        return np.asarray(image, dtype=np.uint8)
+
+    def set_result(
+        self,
+        fov_id: str,
+        result: FovResult | None,
+        error: str | None,
+        calibration: ControlCalibration | None = None,
+    ) -> FovRecord:
+        """Store a FOV's outcome; a control's calibration becomes the case's."""
+        record = self.record(fov_id).model_copy(
+            update={"status": "scored" if error is None else "failed", "result": result, "error": error}
+        )
+        update: dict[str, Any] = {}
+        if calibration is not None and record.kind == "control":
+            update = {"control": calibration, "control_fov_id": fov_id}
+        self._replace(record, **update)
+        return record
+
+    def set_excluded(self, fov_id: str, excluded: bool) -> FovRecord:
+        """Exclude a FOV from (or include it again in) the case score."""
+        record = self.record(fov_id).model_copy(update={"excluded": excluded})
+        self._replace(record)
+        self.adjust("exclude" if excluded else "include", {"fov_id": fov_id})
+        return record
+
+    def set_roi(self, fov_id: str, roi: tuple[RowCol, ...] | None) -> FovRecord:
+        """Set (or clear, with None) the ROI polygon of a FOV; it must then be re-scored."""
+        record = self.record(fov_id).model_copy(update={"roi": roi, "status": "pending"})
+        self._replace(record)
+        self.adjust("set-roi", {"fov_id": fov_id, "polygon": roi})
+        return record
+
+    def set_params(self, params: ScoringParams, action: str, args: dict[str, Any]) -> None:
+        """Change the case's scoring parameters (e.g. the weak threshold from a region)."""
+        self._case = self._require().model_copy(update={"params": params})
+        self.adjust(action, args)
+
+    def set_control(self, calibration: ControlCalibration, action: str, args: dict[str, Any]) -> None:
+        """Replace the case's control calibration (e.g. from a region of the control)."""
+        self._case = self._require().model_copy(update={"control": calibration})
+        self.adjust(action, args)
+
+    def adjust(self, action: str, args: dict[str, Any]) -> None:
+        """Append an adjustment to the audit trail and persist."""
+        case = self._require()
+        adjustment = Adjustment(time=_now(), action=action, args=json.loads(json.dumps(args)))
+        self._case = case.model_copy(update={"adjustments": (*case.adjustments, adjustment)})
+        self._persist()
+
+    def summary(self) -> dict[str, Any]:
+        """The case summary published with every result and returned by ``snapshot``."""
+        case = self._case
+        if case is None:
+            return {"case_id": None, "open": False, "fovs": [], "control": None, "case": None}
+        scored = [r for r in case.fovs if r.kind == "fov" and r.status == "scored" and not r.excluded]
+        results = [r.result for r in scored if r.result is not None]
+        case_result = score_case(results, case.rule, case.control)
+        return {
+            "case_id": case.case_id,
+            "open": case.closed_at is None,
+            "operator": case.operator,
+            "started_at": case.started_at,
+            "fovs": [
+                {
+                    "fov_id": r.fov_id,
+                    "kind": r.kind,
+                    "index": r.index,
+                    "status": r.status,
+                    "excluded": r.excluded,
+                    "roi": r.roi is not None,
+                    "score": r.result.call.score.value if r.result and r.result.call.score else None,
+                    "counts": r.result.counts.model_dump(mode="json") if r.result else None,
+                    "total": r.result.counts.total if r.result else 0,
+                    "error": r.error,
+                }
+                for r in case.fovs
+            ],
+            "control": (
+                {"fov_id": case.control_fov_id, **case.control.model_dump(mode="json")} if case.control else None
+            ),
+            "case": {
+                "score": case_result.call.score.value if case_result.call.score else None,
+                "status": case_result.call.status.value,
+                "her2_low": case_result.call.her2_low,
+                "zero_subtype": case_result.call.zero_subtype.value if case_result.call.zero_subtype else None,
+                "reason": case_result.call.reason,
+                "counts": case_result.counts.model_dump(mode="json"),
+                "total": case_result.counts.total,
+                "percentages": case_result.percentages,
+                "n_fovs": case_result.n_fovs,
+                "warnings": list(case_result.warnings),
+            },
+        }
+
+    def _require(self) -> CaseState:
+        if self._case is None:
+            raise CaseError("no case is open: start one with start-case (a capture starts one too)")
+        return self._case
+
+    def _replace(self, record: FovRecord, **update: Any) -> None:
+        case = self._require()
+        fovs = tuple(record if r.fov_id == record.fov_id else r for r in case.fovs)
+        self._case = case.model_copy(update={"fovs": fovs, **update})
+        self._persist()
+
+    def _persist(self) -> None:
+        case = self._require()
+        _atomic_write(self.case_dir / "case.json", case.model_dump_json(indent=1).encode())

@@ -1,0 +1,247 @@
+"""The wire protocol: multipart ZeroMQ messages ``[topic, JSON header, binary payloads...]``.
+
+Every header is a versioned pydantic model with a sequence number and a timestamp; its ``body`` is validated by
+the model of its topic. Binary data (JPEG previews, PNG overlay layers, raw arrays) travel as separate frames,
+described by the header's ``payloads``. Nothing is pickled. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A message or request that does not follow the protocol; the message says what is wrong."""
+
+
+class Topic(StrEnum):
+    """PUB topics. Subscribers filter on the first frame, so ``b"result"`` receives only results."""
+
+    PREVIEW = "preview"
+    CAPTURE = "capture"
+    RESULT = "result"
+    OVERLAY = "overlay"
+    STATUS = "status"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Payload(_Model):
+    """One binary frame after the header."""
+
+    name: str = Field(description="What it is, e.g. 'preview', 'fov', or an overlay layer name")
+    encoding: Literal["jpeg", "png", "raw"]
+    dtype: str | None = Field(None, description="For raw arrays: numpy dtype string, e.g. 'uint8'")
+    shape: tuple[int, ...] | None = Field(None, description="For raw arrays: the array shape")
+
+
+class Header(_Model):
+    """The JSON header of every published message."""
+
+    v: Literal[1] = 1
+    topic: Topic
+    seq: int = Field(ge=0, description="Per-publisher sequence number, +1 per message (previews included)")
+    time_ms: float = Field(description="Wall-clock time the message was made, ms since the Unix epoch")
+    case_id: str | None = None
+    payloads: tuple[Payload, ...] = ()
+    body: dict[str, Any] = Field(default_factory=dict)
+
+
+class PreviewBody(_Model):
+    """A downscaled live frame (payload: one JPEG)."""
+
+    frame_index: int
+    width: int
+    height: int
+    stability: str
+    motion_um: float
+    focus_ratio: float
+
+
+class CaptureBody(_Model):
+    """A FOV (or the control) was captured and queued for scoring (payload: none; the image is in the result)."""
+
+    fov_id: str
+    kind: Literal["fov", "control"]
+    trigger: Literal["auto", "pedal", "control", "rescore"]
+    frame_index: int
+    pixel_size_um: float
+
+
+class ResultBody(_Model):
+    """A FOV's scoring outcome and the running case summary."""
+
+    fov_id: str
+    kind: Literal["fov", "control"]
+    status: Literal["scored", "failed"]
+    result: dict[str, Any] | None = Field(None, description="FovResult as JSON; null when failed")
+    calibration: dict[str, Any] | None = Field(None, description="ControlCalibration as JSON, for a control")
+    error: str | None = None
+    case: dict[str, Any] = Field(description="The case summary after this FOV (see CaseSummary)")
+    score_ms: float | None = Field(None, description="Time the worker took")
+    latency_ms: float | None = Field(None, description="From the trigger to this message")
+
+
+class OverlayBody(_Model):
+    """The overlay layers of a FOV (payloads: one RGBA PNG per layer, in ``layers`` order)."""
+
+    fov_id: str
+    kind: Literal["fov", "control"]
+    layers: tuple[str, ...]
+    width: int
+    height: int
+
+
+class StatusBody(_Model):
+    """The daemon's heartbeat."""
+
+    daemon: str = Field(description="Daemon state: starting, running, stopping")
+    camera: dict[str, Any] = Field(description="Camera state, fps, frame counters, last error")
+    stability: str
+    auto_capture: bool
+    case_id: str | None
+    n_fovs: int
+    control_calibrated: bool
+    worker: str = Field(description="Scoring worker state: idle, busy, restarting")
+    queue: int = Field(description="FOVs waiting to be scored")
+    uptime_s: float
+
+
+BODY_MODELS: dict[Topic, type[_Model]] = {
+    Topic.PREVIEW: PreviewBody,
+    Topic.CAPTURE: CaptureBody,
+    Topic.RESULT: ResultBody,
+    Topic.OVERLAY: OverlayBody,
+    Topic.STATUS: StatusBody,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded message: its header, its typed body and its payload frames."""
+
+    header: Header
+    body: _Model
+    payloads: tuple[bytes, ...]
+
+    def payload(self, name: str) -> bytes:
+        """The payload frame called ``name``; KeyError if there is none."""
+        for description, data in zip(self.header.payloads, self.payloads, strict=True):
+            if description.name == name:
+                return data
+        raise KeyError(name)
+
+
+def encode(
+    topic: Topic,
+    seq: int,
+    time_ms: float,
+    body: _Model,
+    payloads: Sequence[tuple[Payload, bytes]] = (),
+    case_id: str | None = None,
+) -> list[bytes]:
+    """Frames of one message: ``[topic, header JSON, *payload bytes]``."""
+    if not isinstance(body, BODY_MODELS[topic]):
+        raise TypeError(f"a {topic.value} message needs a {BODY_MODELS[topic].__name__}, got {type(body).__name__}")
+    header = Header(
+        topic=topic,
+        seq=seq,
+        time_ms=time_ms,
+        case_id=case_id,
+        payloads=tuple(p for p, _ in payloads),
+        body=body.model_dump(mode="json"),
+    )
+    return [topic.value.encode(), header.model_dump_json().encode(), *(data for _, data in payloads)]
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Parse and validate a published message; ProtocolError says what is wrong."""
+    if len(frames) < 2:
+        raise ProtocolError(f"a message has at least 2 frames (topic, header), got {len(frames)}")
+    try:
+        topic = Topic(bytes(frames[0]).decode())
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(f"unknown topic {bytes(frames[0])[:40]!r}") from None
+    try:
+        header = Header.model_validate_json(frames[1])
+        body = BODY_MODELS[topic].model_validate(header.body)
+    except ValidationError as error:
+        raise ProtocolError(f"invalid {topic.value} header: {_first_error(error)}") from None
+    if header.topic != topic:
+        raise ProtocolError(f"topic frame {topic.value!r} does not match header topic {header.topic.value!r}")
+    if len(frames) - 2 != len(header.payloads):
+        raise ProtocolError(f"header declares {len(header.payloads)} payloads, message has {len(frames) - 2}")
+    return Message(header, body, tuple(bytes(f) for f in frames[2:]))
+
+
+# --- control requests and replies -------------------------------------------------------------------------------
+
+
+class Command(StrEnum):
+    """Requests the control endpoint takes."""
+
+    CAPTURE = "capture"
+    CAPTURE_CONTROL = "capture-control"
+    START_CASE = "start-case"
+    CLOSE_CASE = "close-case"
+    SET_ROI = "set-roi"
+    SET_WEAK = "set-weak"
+    SET_INTENSE = "set-intense"
+    EXCLUDE = "exclude"
+    INCLUDE = "include"
+    RESCORE = "rescore"
+    STATUS = "status"
+    SNAPSHOT = "snapshot"
+    REPLAY = "replay"
+    AUTO_CAPTURE = "auto-capture"
+    STAGE = "stage"
+
+
+class Request(_Model):
+    """A control request: one JSON frame (after the ROUTER/DEALER envelope)."""
+
+    v: Literal[1] = 1
+    id: str = Field("", max_length=200, description="Echoed in the reply")
+    command: Command
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class Reply(_Model):
+    """A control reply: one JSON frame, then any payload frames it declares."""
+
+    v: Literal[1] = 1
+    id: str = ""
+    ok: bool
+    error: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    payload_count: int = Field(0, ge=0, description="Frames that follow this one (replay: message frames)")
+
+
+def parse_request(frame: bytes) -> Request:
+    """Validate one request frame; ProtocolError says what is wrong (for the error reply)."""
+    try:
+        document = json.loads(frame)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError(f"request is not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise ProtocolError("request must be a JSON object with 'command' and 'args'")
+    try:
+        return Request.model_validate(document)
+    except ValidationError as error:
+        raise ProtocolError(f"invalid request: {_first_error(error)}") from None
+
+
+def _first_error(error: ValidationError) -> str:
+    item = error.errors()[0]
+    where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+    return f"{where}: {item['msg']}" + (f" (got {item['input']!r:.80})" if "input" in item else "")

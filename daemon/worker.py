@@ -1,0 +1,323 @@
+"""Scoring in a worker process, so that a crash or a slow FOV never stalls the live view or kills the daemon.
+
+The daemon sends one job at a time over a pipe: a JSON header (what to do, the parameters) and the raw BGR image.
+The worker answers with a JSON header (the result or the error) and the overlay layers as PNG frames. A worker
+that dies or overruns ``timeout_ms`` is killed and restarted, and its job is reported as failed (it can be
+retried with ``rescore``). Nothing is pickled: only bytes cross the pipe.
+
+States: IDLE (no job) → BUSY (a job in flight) → IDLE; any failure → RESTARTING → IDLE.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from config.scoring import CaseRule, ScoringParams
+from scoring.results import ControlCalibration, FovResult
+
+log = structlog.get_logger(__name__)
+
+RowCol = tuple[float, float]
+
+
+class WorkerState(StrEnum):
+    """What the scoring worker is doing."""
+
+    IDLE = "idle"
+    BUSY = "busy"
+    RESTARTING = "restarting"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreJob:
+    """One FOV (or the control) to score.
+
+    ``kind`` "control" calibrates the intense threshold from the image (or from ``region`` of it) and scores the
+    control with it; "fov" scores a tumour FOV with ``control`` (or the default threshold).
+    """
+
+    job_id: int
+    fov_id: str
+    kind: Literal["fov", "control"]
+    image: npt.NDArray[np.uint8]  # BGR
+    pixel_size_um: float
+    params: ScoringParams
+    rule: CaseRule
+    control: ControlCalibration | None = None
+    roi: tuple[RowCol, ...] | None = None
+    region: tuple[RowCol, ...] | None = None
+    overlay: bool = True
+    overlay_width: int | None = None  # draw the layers at this width (a display's), not the FOV's
+    submitted_ms: float = field(default_factory=lambda: time.monotonic() * 1000.0)
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """What became of a job: a result (and calibration, for a control) or an error. Comes before its overlay."""
+
+    job: ScoreJob
+    result: FovResult | None
+    calibration: ControlCalibration | None
+    error: str | None
+    score_ms: float
+
+    @property
+    def ok(self) -> bool:
+        """Whether the FOV was scored."""
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class JobOverlay:
+    """The overlay layers of a scored job, as RGBA PNGs of ``width`` x ``height``."""
+
+    job: ScoreJob
+    layers: tuple[tuple[str, bytes], ...]
+    width: int
+    height: int
+
+
+Outcome = JobResult | JobOverlay
+
+
+def _job_header(job: ScoreJob) -> bytes:
+    return json.dumps(
+        {
+            "job_id": job.job_id,
+            "fov_id": job.fov_id,
+            "kind": job.kind,
+            "shape": list(job.image.shape),
+            "pixel_size_um": job.pixel_size_um,
+            "params": job.params.model_dump(mode="json"),
+            "rule": job.rule.model_dump(mode="json"),
+            "control": job.control.model_dump(mode="json") if job.control else None,
+            "roi": job.roi,
+            "region": job.region,
+            "overlay": job.overlay,
+            "overlay_width": job.overlay_width,
+        }
+    ).encode()
+
+
+def _serve_job(connection: Connection, header: dict[str, Any], image: npt.NDArray[np.uint8]) -> None:
+    """Score one job and send its result, then (if asked) its overlay (in the worker process)."""
+    import cv2
+
+    from scoring import analyse_fov, calibrate_from_control
+    from scoring.overlay import render_overlay
+
+    start = time.perf_counter()
+    reply: dict[str, Any] = {"job_id": header["job_id"], "type": "result", "result": None, "calibration": None}
+    analysis = None
+    try:
+        params = ScoringParams.model_validate(header["params"])
+        rule = CaseRule.model_validate(header["rule"])
+        pixel_size = float(header["pixel_size_um"])
+        calibration: ControlCalibration | None
+        if header["kind"] == "control":
+            calibration = calibrate_from_control(
+                image, pixel_size, params, region_polygon=header["region"], rule=rule, channel_order="BGR"
+            )
+            reply["calibration"] = calibration.model_dump(mode="json")
+        else:
+            calibration = ControlCalibration.model_validate(header["control"]) if header["control"] else None
+        analysis = analyse_fov(
+            image, pixel_size, params, control=calibration, roi_polygon=header["roi"], rule=rule, channel_order="BGR"
+        )
+        reply["result"] = analysis.result.model_dump(mode="json")
+        reply["error"] = None
+    except Exception as error:  # a bad FOV must fail only its own job
+        reply["error"] = f"{type(error).__name__}: {error}"
+    reply["score_ms"] = (time.perf_counter() - start) * 1000.0
+    connection.send_bytes(json.dumps(reply).encode())
+    if analysis is None or not header["overlay"]:
+        return
+    overlay = render_overlay(analysis, width=header["overlay_width"])
+    names, pngs = [], []
+    for name, layer in overlay.layers.items():
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor(layer, cv2.COLOR_RGBA2BGRA), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if ok:
+            names.append(name)
+            pngs.append(encoded.tobytes())
+    height, width = next(iter(overlay.layers.values())).shape[:2]
+    connection.send_bytes(
+        json.dumps(
+            {"job_id": header["job_id"], "type": "overlay", "layers": names, "width": width, "height": height}
+        ).encode()
+    )
+    for png in pngs:
+        connection.send_bytes(png)
+
+
+def _worker_main(connection: Connection) -> None:
+    """The worker process: serve jobs until the pipe closes."""
+    while True:
+        try:
+            header = json.loads(connection.recv_bytes())
+            buffer = connection.recv_bytes()
+            image = np.frombuffer(buffer, dtype=np.uint8).reshape(header["shape"])
+        except (EOFError, OSError):
+            return
+        try:
+            _serve_job(connection, header, image)
+        except (EOFError, OSError):
+            return
+
+
+class ScoringWorker:
+    """Owns the worker process: a queue of jobs, one in flight, crash and timeout recovery.
+
+    Used from one thread (the daemon's main loop): ``submit`` queues, ``poll`` collects outcomes: for each job a
+    ``JobResult``, then (when scored and asked for) a ``JobOverlay``.
+    """
+
+    def __init__(self, timeout_ms: float) -> None:
+        self._timeout_ms = timeout_ms
+        self._context = multiprocessing.get_context("spawn")
+        self._process: BaseProcess | None = None
+        self._connection: Connection | None = None
+        self._queue: deque[ScoreJob] = deque()
+        self._in_flight: ScoreJob | None = None
+        self._result_sent = False  # the in-flight job's result has been delivered; its overlay is pending
+        self._sent_ms = 0.0
+        self._send_failure: str | None = None
+        self.restarts = 0
+        self._state = WorkerState.STOPPED
+
+    @property
+    def state(self) -> WorkerState:
+        """IDLE, BUSY, RESTARTING or STOPPED."""
+        return self._state
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting, not counting the one in flight."""
+        return len(self._queue)
+
+    def fileno(self) -> int | None:
+        """The pipe's file descriptor, to poll alongside sockets (None when not running)."""
+        return self._connection.fileno() if self._connection is not None else None
+
+    def start(self) -> None:
+        """Start the worker process."""
+        parent, child = self._context.Pipe(duplex=True)
+        process = self._context.Process(target=_worker_main, args=(child,), name="her2scope-scorer", daemon=True)
+        process.start()
+        child.close()
+        self._process, self._connection = process, parent
+        self._state = WorkerState.IDLE
+
+    def stop(self) -> None:
+        """Stop the worker process (its current job is abandoned)."""
+        if self._connection is not None:
+            self._connection.close()
+        if self._process is not None:
+            self._process.join(timeout=2.0)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(timeout=2.0)
+        self._process = self._connection = None
+        self._state = WorkerState.STOPPED
+
+    def submit(self, job: ScoreJob) -> None:
+        """Queue a job; it is sent when the worker is free."""
+        self._queue.append(job)
+        self._send_next()
+
+    def _send_next(self) -> None:
+        if self._in_flight is not None or not self._queue or self._connection is None:
+            return
+        job = self._queue.popleft()
+        self._in_flight = job
+        self._result_sent = False
+        self._sent_ms = time.monotonic() * 1000.0
+        self._state = WorkerState.BUSY
+        try:
+            self._connection.send_bytes(_job_header(job))
+            # a flat uint8 view: send_bytes sizes its frame by len(), which is the first axis of an image
+            self._connection.send_bytes(np.ascontiguousarray(job.image).reshape(-1).data)
+        except (OSError, ValueError) as error:
+            # the job fails (it may be what broke the pipe); the next poll reports it and restarts the worker
+            self._send_failure = f"cannot send the job to the scoring worker: {error}"
+
+    def poll(self) -> list[Outcome]:
+        """Collect what the worker finished, without blocking; detect a dead or overrunning worker."""
+        outcomes: list[Outcome] = []
+        while (job := self._in_flight) is not None and self._connection is not None:
+            if self._send_failure is not None:
+                outcomes.append(self._failed(job, self._send_failure))
+                self._send_failure = None
+                self._restart("job could not be sent")
+                break
+            try:
+                if not self._connection.poll(0):
+                    self._check_alive(job, outcomes)
+                    break
+                reply = json.loads(self._connection.recv_bytes())
+                if reply.get("type") == "overlay":
+                    layers = tuple((name, self._connection.recv_bytes()) for name in reply["layers"])
+                    outcomes.append(JobOverlay(job, layers, int(reply["width"]), int(reply["height"])))
+                    self._finish()
+                    continue
+                outcomes.append(_result(job, reply))
+                self._result_sent = True
+                if reply.get("error") or not job.overlay:
+                    self._finish()
+            except (EOFError, OSError, ValueError, KeyError) as error:
+                self._fail_in_flight(job, outcomes, f"scoring worker died ({error or 'pipe closed'})")
+                break
+        self._send_next()
+        return outcomes
+
+    def _check_alive(self, job: ScoreJob, outcomes: list[Outcome]) -> None:
+        if self._process is not None and not self._process.is_alive():
+            self._fail_in_flight(job, outcomes, f"scoring worker died (exit code {self._process.exitcode})")
+        elif time.monotonic() * 1000.0 - self._sent_ms > self._timeout_ms:
+            self._fail_in_flight(job, outcomes, f"scoring took longer than {self._timeout_ms:.0f} ms")
+
+    def _fail_in_flight(self, job: ScoreJob, outcomes: list[Outcome], error: str) -> None:
+        if not self._result_sent:  # a worker lost while drawing the overlay loses only the overlay
+            outcomes.append(self._failed(job, error))
+        self._restart(error)
+
+    def _finish(self) -> None:
+        self._in_flight = None
+        self._result_sent = False
+        self._state = WorkerState.IDLE
+
+    def _failed(self, job: ScoreJob, error: str) -> JobResult:
+        return JobResult(job, None, None, error, time.monotonic() * 1000.0 - self._sent_ms)
+
+    def _restart(self, reason: str) -> None:
+        log.warning("scoring_worker_restart", reason=reason, restarts=self.restarts + 1)
+        self._state = WorkerState.RESTARTING
+        self._finish()
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+        self.stop()
+        self.restarts += 1
+        self.start()
+
+    def kill_for_test(self) -> None:
+        """Kill the worker process abruptly (to exercise crash recovery)."""
+        if self._process is not None:
+            self._process.kill()
+
+
+def _result(job: ScoreJob, reply: dict[str, Any]) -> JobResult:
+    result = FovResult.model_validate(reply["result"]) if reply.get("result") else None
+    calibration = ControlCalibration.model_validate(reply["calibration"]) if reply.get("calibration") else None
+    return JobResult(job, result, calibration, reply.get("error"), float(reply.get("score_ms", 0.0)))
