@@ -88,6 +88,45 @@ def score(
         typer.echo(scoring_report.format_table(report))
 
 
+@app.command()
+def daemon(
+    config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
+    json_logs: Annotated[
+        bool | None, typer.Option("--json-logs/--pretty-logs", help="Log format [default: JSON unless a terminal].")
+    ] = None,
+) -> None:
+    """Run the camera daemon: capture stable fields, score them, publish on ZeroMQ (Ctrl-C or SIGTERM stops)."""
+    import signal
+
+    from config.app import ConfigError, load_config
+    from daemon.frames import SourceError
+    from daemon.logs import configure_logging
+    from daemon.service import Daemon
+
+    configure_logging(json_logs)
+    try:
+        app_config = load_config(config)
+        service = Daemon(app_config)
+    except (ConfigError, SourceError) as error:
+        raise _fail(str(error)) from None
+    except OSError as error:
+        raise _fail(f"{error.filename or ''}: {error.strerror or error}") from None
+
+    def stop(signum: int, _frame: object) -> None:
+        service.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        service.run()
+    except Exception as error:
+        import zmq
+
+        if isinstance(error, zmq.ZMQError):
+            raise _fail(f"cannot bind the ZeroMQ endpoints: {error}") from None
+        raise
+
+
 def run() -> Any:
     """Entry point for ``python -m clients.cli``."""
     return app()

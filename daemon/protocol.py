@@ -173,12 +173,15 @@ def decode(frames: Sequence[bytes]) -> Message:
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError(f"unknown topic {bytes(frames[0])[:40]!r}") from None
     try:
-        header = Header.model_validate_json(frames[1])
-        body = BODY_MODELS[topic].model_validate(header.body)
+        header = Header.model_validate_json(bytes(frames[1]))  # bytes() as for the other frames: zmq.Frame too
     except ValidationError as error:
         raise ProtocolError(f"invalid {topic.value} header: {_first_error(error)}") from None
-    if header.topic != topic:
+    if header.topic != topic:  # before the body, which would otherwise fail against the wrong model
         raise ProtocolError(f"topic frame {topic.value!r} does not match header topic {header.topic.value!r}")
+    try:
+        body = BODY_MODELS[topic].model_validate(header.body)
+    except ValidationError as error:
+        raise ProtocolError(f"invalid {topic.value} body: {_first_error(error)}") from None
     if len(frames) - 2 != len(header.payloads):
         raise ProtocolError(f"header declares {len(header.payloads)} payloads, message has {len(frames) - 2}")
     return Message(header, body, tuple(bytes(f) for f in frames[2:]))

@@ -277,7 +277,7 @@ class ScoringWorker:
                 if reply.get("error") or not job.overlay:
                     self._finish()
             except (EOFError, OSError, ValueError, KeyError) as error:
-                self._fail_in_flight(job, outcomes, f"scoring worker died ({error or 'pipe closed'})")
+                self._fail_in_flight(job, outcomes, f"scoring worker died ({str(error) or 'pipe closed'})")
                 break
         self._send_next()
         return outcomes

@@ -1,0 +1,120 @@
+"""A client of the daemon's control endpoint and publisher, used by ``her2scope ctl``, the viewer and the tests."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from daemon.protocol import Message, ProtocolError, Reply, decode
+
+
+class ControlError(RuntimeError):
+    """The daemon did not answer in time, or answered with an error."""
+
+
+class ControlClient:
+    """Sends requests to the daemon's ROUTER endpoint from a DEALER socket; every call has a timeout."""
+
+    def __init__(self, endpoint: str, timeout_ms: float = 5000.0, context: zmq.Context[Any] | None = None) -> None:
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoint)
+        self._timeout_ms = timeout_ms
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def request_raw(self, frame: bytes, timeout_ms: float | None = None) -> tuple[Reply, list[bytes]]:
+        """Send one raw request frame; return the reply and its payload frames."""
+        self._socket.send_multipart([b"", frame])
+        deadline = time.monotonic() + (timeout_ms or self._timeout_ms) / 1000.0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._socket.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
+                raise ControlError(f"the daemon did not answer within {timeout_ms or self._timeout_ms:.0f} ms")
+            frames = self._socket.recv_multipart()
+            if frames and frames[0] == b"":
+                frames = frames[1:]
+            try:
+                reply = Reply.model_validate_json(frames[0])
+            except ValueError as error:
+                raise ControlError(f"malformed reply from the daemon: {error}") from None
+            return reply, frames[1:]
+
+    def call(self, command: str, timeout_ms: float | None = None, **args: Any) -> dict[str, Any]:
+        """Send a command; return its reply data, or raise ControlError with the daemon's error message."""
+        request_id = str(next(self._ids))
+        frame = json.dumps({"v": 1, "id": request_id, "command": command, "args": args}).encode()
+        reply, _ = self.request_raw(frame, timeout_ms)
+        if not reply.ok:
+            raise ControlError(reply.error or "request failed")
+        return reply.data
+
+    def replay(self, since_seq: int, timeout_ms: float | None = None) -> tuple[list[Message], bool]:
+        """The published messages after ``since_seq`` still buffered by the daemon, and whether that is all."""
+        frame = json.dumps({"v": 1, "id": "replay", "command": "replay", "args": {"since_seq": since_seq}}).encode()
+        reply, frames = self.request_raw(frame, timeout_ms)
+        if not reply.ok:
+            raise ControlError(reply.error or "replay failed")
+        messages = []
+        offset = 0
+        for count in reply.data["frames_per_message"]:
+            messages.append(decode(frames[offset : offset + count]))
+            offset += count
+        return messages, bool(reply.data["complete"])
+
+
+class Subscriber:
+    """A SUB socket on the daemon's publisher that decodes messages; ``receive`` has a timeout."""
+
+    def __init__(self, endpoint: str, topics: Sequence[str] = ("",), context: zmq.Context[Any] | None = None) -> None:
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 1000)
+        for topic in topics:
+            self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._socket.connect(endpoint)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def receive(self, timeout_ms: float) -> Message | None:
+        """The next message, or None after ``timeout_ms``; a malformed one raises ProtocolError."""
+        if not self._socket.poll(max(0, int(timeout_ms)), zmq.POLLIN):
+            return None
+        return decode(self._socket.recv_multipart())
+
+
+def read_endpoints(state_directory: Path) -> dict[str, str]:
+    """The endpoints a running daemon wrote to its state folder (for random ports); ControlError if none."""
+    path = state_directory.expanduser() / "endpoints.json"
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as error:
+        raise ControlError(f"no running daemon found ({path}: {error})") from None
+
+
+__all__ = ["ControlClient", "ControlError", "ProtocolError", "Subscriber", "read_endpoints"]

@@ -1,0 +1,711 @@
+"""The daemon: camera → stability → capture → scoring worker → ZeroMQ, and the control endpoint.
+
+One thread (the one calling :meth:`Daemon.run`) owns every ZeroMQ socket, the case and the worker. The camera is
+read by the grabber's thread (latest frame only) and the pedal by its own; both hand over through thread-safe
+queues. The loop never blocks on scoring: jobs go to the worker process and outcomes are collected when its pipe
+is readable.
+
+States: STARTING (binding, opening the camera, starting the worker) → RUNNING → STOPPING (on SIGTERM/SIGINT or
+:meth:`Daemon.request_stop`) → STOPPED. A failure inside one step of the loop (a bad frame, a bad request, a
+full disk) is logged and reported, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import structlog
+import zmq
+
+from config.app import AppConfig
+from daemon import systemd
+from daemon.case_store import CaseError, CaseStore, FovRecord
+from daemon.frames import Frame, FrameSource
+from daemon.grabber import CameraState, CameraStatus, FrameGrabber
+from daemon.protocol import (
+    CaptureBody,
+    Command,
+    OverlayBody,
+    Payload,
+    PreviewBody,
+    ProtocolError,
+    Reply,
+    Request,
+    ResultBody,
+    StatusBody,
+    Topic,
+    parse_request,
+)
+from daemon.publisher import Publisher
+from daemon.stability import StabilityDetector, StabilityState, StabilityUpdate
+from daemon.worker import JobOverlay, JobResult, ScoreJob, ScoringWorker
+
+log = structlog.get_logger(__name__)
+
+FovKind = Literal["fov", "control"]
+
+
+class DaemonState(StrEnum):
+    """The daemon's life cycle."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class RequestError(ValueError):
+    """A control request that cannot be carried out; the message goes back in the error reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Trigger:
+    kind: FovKind
+    trigger: Literal["auto", "pedal", "control"]
+    time_ms: float  # monotonic
+
+
+def _now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+class Daemon:
+    """The her2scope service. ``source`` replaces the configured camera (tests, embedding)."""
+
+    def __init__(self, config: AppConfig, *, source: FrameSource | None = None) -> None:
+        self.config = config
+        self.pixel_size_um = config.optics.pixel_size_um
+        daemon_config = config.daemon
+        self.state = DaemonState.STARTING
+        self._stop = threading.Event()
+        self._started_ms = _now_ms()
+        if source is None:
+            from daemon.sources import open_source
+
+            source = open_source(daemon_config.camera, self.pixel_size_um)
+        self.source = source
+        self._camera_events: queue.SimpleQueue[CameraStatus] = queue.SimpleQueue()
+        self.grabber = FrameGrabber(source, daemon_config.watchdog, on_status=self._camera_events.put)
+        self.stability = StabilityDetector(daemon_config.capture, self.pixel_size_um)
+        self.auto_capture = daemon_config.capture.auto
+        self.worker = ScoringWorker(daemon_config.worker.timeout_ms)
+        state_dir = daemon_config.state.directory.expanduser()
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = CaseStore(state_dir)
+        self._triggers: queue.SimpleQueue[_Trigger] = queue.SimpleQueue()
+        self._trigger_ms: dict[str, float] = {}  # fov_id → when its capture was asked for
+        self._next_job = 1
+        self._last_frame: Frame | None = None
+        self._last_update: StabilityUpdate | None = None
+        self._last_preview_ms = -1e18
+        self._last_status_ms = -1e18
+        self._last_watchdog_ms = -1e18
+        self._watchdog_ms = systemd.watchdog_interval_ms()
+        self._pedal: Any = None
+        self._context = zmq.Context()
+        self._pub = self._context.socket(zmq.PUB)
+        self._control = self._context.socket(zmq.ROUTER)
+        self.publisher = Publisher(self._pub, daemon_config.zmq.replay_buffer)
+        self.endpoints: dict[str, str] = {}
+
+    # --- life cycle ----------------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop (safe from any thread and from signal handlers)."""
+        self._stop.set()
+
+    def run(self, on_ready: Callable[[dict[str, str]], None] | None = None) -> None:
+        """Start everything, serve until stopped, then tear down (always)."""
+        try:
+            self._start()
+            if on_ready is not None:
+                on_ready(self.endpoints)
+            while not self._stop.is_set():
+                self._step()
+        finally:
+            self._shutdown()
+
+    def _start(self) -> None:
+        zmq_config = self.config.daemon.zmq
+        for socket in (self._pub, self._control):
+            socket.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.SNDHWM, 1000)
+        self._pub.bind(zmq_config.publish)
+        self._control.bind(zmq_config.control)
+        self.endpoints = {
+            "publish": self._pub.getsockopt_string(zmq.LAST_ENDPOINT),
+            "control": self._control.getsockopt_string(zmq.LAST_ENDPOINT),
+        }
+        self._write_endpoints()
+        resumed = None
+        try:
+            resumed = self.store.resume()
+        except CaseError as error:
+            log.error("case_resume_failed", error=str(error))
+        self.worker.start()
+        self.grabber.start()
+        if self.config.daemon.pedal.enabled:
+            self._start_pedal()
+        self.state = DaemonState.RUNNING
+        systemd.notify("READY=1\nSTATUS=running")
+        log.info(
+            "daemon_ready",
+            camera=self.grabber.source_name,
+            pixel_size_um=self.pixel_size_um,
+            resumed_case=resumed.case_id if resumed else None,
+            **self.endpoints,
+        )
+        if resumed is not None:
+            # FOVs captured but not scored when the daemon stopped are scored now
+            for record in resumed.fovs:
+                if record.status == "pending":
+                    self._submit(record, trigger="rescore")
+
+    def _write_endpoints(self) -> None:
+        path = self.store.directory / "endpoints.json"
+        tmp = path.with_name(".endpoints.json.tmp")
+        tmp.write_text(json.dumps({**self.endpoints, "pid": os.getpid()}), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _start_pedal(self) -> None:
+        from daemon.pedal import FootPedal, PedalError, TriggerKind
+
+        def on_trigger(kind: TriggerKind) -> None:
+            self._triggers.put(_Trigger("control" if kind == TriggerKind.CONTROL else "fov", "pedal", _now_ms()))
+
+        try:
+            self._pedal = FootPedal(self.config.daemon.pedal, on_trigger)
+            self._pedal.start()
+        except PedalError as error:
+            log.error("pedal_unavailable", error=str(error))
+            self._pedal = None
+
+    def _shutdown(self) -> None:
+        self.state = DaemonState.STOPPING
+        systemd.notify("STOPPING=1")
+        log.info("daemon_stopping")
+        for name, stop in (
+            ("pedal", (lambda: self._pedal.stop()) if self._pedal is not None else None),
+            ("grabber", self.grabber.stop),
+            ("worker", self.worker.stop),
+        ):
+            if stop is None:
+                continue
+            try:
+                stop()
+            except Exception as error:  # teardown goes on whatever one part does
+                log.error("shutdown_step_failed", step=name, error=repr(error))
+        self._pub.close(linger=0)
+        self._control.close(linger=0)
+        self._context.term()
+        self.state = DaemonState.STOPPED
+        log.info("daemon_stopped")
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._control, zmq.POLLIN)
+        worker_fd = self.worker.fileno()
+        if worker_fd is not None:
+            poller.register(worker_fd, zmq.POLLIN)
+        events = dict(poller.poll(timeout=10))
+        if self._control in events:
+            self._guarded("control", self._serve_control)
+        self._guarded("worker", self._collect_outcomes)
+        self._guarded("camera_events", self._camera_changes)
+        self._guarded("frame", self._on_frame)
+        self._guarded("triggers", self._drain_triggers)
+        self._guarded("status", self._heartbeat)
+
+    def _guarded(self, step: str, function: Callable[[], None]) -> None:
+        try:
+            function()
+        except Exception as error:  # a long-running process never dies of one bad step
+            log.exception("loop_step_failed", step=step, error=repr(error))
+
+    def _on_frame(self) -> None:
+        after = self._last_frame.index if self._last_frame is not None else None
+        frame = self.grabber.latest(after_index=after, timeout_ms=0)
+        if frame is None or (self._last_frame is not None and frame.index == self._last_frame.index):
+            return
+        self._last_frame = frame
+        try:
+            update = self.stability.update(frame)
+        except ValueError as error:
+            log.warning("frame_rejected", error=str(error), index=frame.index)
+            return
+        self._last_update = update
+        if update.capture and self.auto_capture:
+            self._capture(_Trigger("fov", "auto", frame.timestamp_ms))
+        now = _now_ms()
+        if now - self._last_preview_ms >= 1000.0 / self.config.daemon.preview.max_fps:
+            self._last_preview_ms = now
+            self._publish_preview(frame, update)
+
+    def _publish_preview(self, frame: Frame, update: StabilityUpdate) -> None:
+        preview = self.config.daemon.preview
+        rows, cols = frame.image.shape[:2]
+        width = min(preview.width_px, cols)
+        height = max(1, round(rows * width / cols))
+        small = cv2.resize(frame.image, (width, height), interpolation=cv2.INTER_AREA) if width != cols else frame.image
+        ok, jpeg = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, preview.jpeg_quality])
+        if not ok:
+            return
+        body = PreviewBody(
+            frame_index=frame.index,
+            width=width,
+            height=height,
+            stability=update.state.value,
+            motion_um=update.motion_um if np.isfinite(update.motion_um) else -1.0,
+            focus_ratio=update.focus_ratio,
+        )
+        self.publisher.publish(
+            Topic.PREVIEW, body, [(Payload(name="preview", encoding="jpeg"), jpeg.tobytes())], self._case_id()
+        )
+
+    def _drain_triggers(self) -> None:
+        while True:
+            try:
+                trigger = self._triggers.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._capture(trigger)
+            except (RequestError, CaseError, OSError) as error:
+                log.error("capture_failed", trigger=trigger.trigger, kind=trigger.kind, error=str(error))
+
+    def _camera_changes(self) -> None:
+        changed = False
+        while True:
+            try:
+                status = self._camera_events.get_nowait()
+            except queue.Empty:
+                break
+            changed = True
+            if status.state in (CameraState.LOST, CameraState.FROZEN):
+                log.warning("camera_problem", state=status.state.value, error=status.last_error)
+                self.stability.reset()
+        if changed:
+            self._publish_status()
+
+    def _heartbeat(self) -> None:
+        now = _now_ms()
+        if now - self._last_status_ms >= self.config.daemon.zmq.heartbeat_ms:
+            self._publish_status()
+        if self._watchdog_ms is not None and now - self._last_watchdog_ms >= self._watchdog_ms:
+            # only a loop that goes round pets the watchdog: a hung loop gets restarted by systemd
+            self._last_watchdog_ms = now
+            systemd.notify("WATCHDOG=1")
+
+    # --- capture and scoring -------------------------------------------------------------------------------------
+
+    def _case_id(self) -> str | None:
+        return self.store.case.case_id if self.store.case else None
+
+    def _ensure_case(self) -> None:
+        if self.store.case is None:
+            case = self.store.start(self.config.scoring, self.config.case_rule)
+            log.info("case_started", case_id=case.case_id, reason="first capture")
+
+    def _capture(self, trigger: _Trigger) -> FovRecord:
+        frame = self._last_frame
+        if frame is None or self.grabber.status.state != CameraState.LIVE:
+            raise RequestError(f"no live frame to capture (camera {self.grabber.status.state.value})")
+        self._ensure_case()
+        record = self.store.add_capture(trigger.kind, frame.image, trigger.trigger, self.pixel_size_um)
+        self.stability.mark_captured()
+        self._trigger_ms[record.fov_id] = trigger.time_ms
+        body = CaptureBody(
+            fov_id=record.fov_id,
+            kind=record.kind,
+            trigger=trigger.trigger,
+            frame_index=frame.index,
+            pixel_size_um=self.pixel_size_um,
+        )
+        self.publisher.publish(Topic.CAPTURE, body, case_id=self._case_id())
+        log.info("fov_captured", fov=record.fov_id, kind=record.kind, trigger=trigger.trigger, frame=frame.index)
+        self._submit(record, trigger=trigger.trigger, image=frame.image)
+        return record
+
+    def _submit(
+        self,
+        record: FovRecord,
+        *,
+        trigger: str,
+        image: np.ndarray[Any, np.dtype[np.uint8]] | None = None,
+        region: tuple[tuple[float, float], ...] | None = None,
+    ) -> None:
+        case = self.store.case
+        if case is None:
+            raise CaseError("no case is open")
+        if record.fov_id not in self._trigger_ms:
+            self._trigger_ms[record.fov_id] = _now_ms()
+        job = ScoreJob(
+            job_id=self._next_job,
+            fov_id=record.fov_id,
+            kind=record.kind,
+            image=image if image is not None else self.store.image(record.fov_id),
+            pixel_size_um=record.pixel_size_um,
+            params=case.params,
+            rule=case.rule,
+            control=case.control,
+            roi=record.roi,
+            region=region,
+            overlay_width=self.config.daemon.preview.overlay_width_px,
+        )
+        self._next_job += 1
+        self.worker.submit(job)
+
+    def _collect_outcomes(self) -> None:
+        for outcome in self.worker.poll():
+            if isinstance(outcome, JobResult):
+                self._on_result(outcome)
+            elif isinstance(outcome, JobOverlay):
+                self._on_overlay(outcome)
+
+    def _on_result(self, outcome: JobResult) -> None:
+        job = outcome.job
+        if self.store.case is None or job.fov_id not in {r.fov_id for r in self.store.case.fovs}:
+            return  # the case was closed meanwhile
+        previous_control = self.store.case.control
+        self.store.set_result(job.fov_id, outcome.result, outcome.error, outcome.calibration)
+        latency = _now_ms() - self._trigger_ms.pop(job.fov_id, job.submitted_ms)
+        body = ResultBody(
+            fov_id=job.fov_id,
+            kind=job.kind,
+            status="scored" if outcome.ok else "failed",
+            result=outcome.result.model_dump(mode="json") if outcome.result else None,
+            calibration=outcome.calibration.model_dump(mode="json") if outcome.calibration else None,
+            error=outcome.error,
+            case=self.store.summary(),
+            score_ms=outcome.score_ms,
+            latency_ms=latency,
+        )
+        self.publisher.publish(Topic.RESULT, body, case_id=self._case_id())
+        summary = body.case["case"] or {}
+        log.info(
+            "fov_scored" if outcome.ok else "fov_failed",
+            fov=job.fov_id,
+            kind=job.kind,
+            score=outcome.result.call.score.value if outcome.result and outcome.result.call.score else None,
+            n_cells=outcome.result.counts.total if outcome.result else 0,
+            case_score=summary.get("score"),
+            ms=round(latency, 1),
+            error=outcome.error,
+        )
+        if job.kind == "control" and outcome.calibration is not None and outcome.calibration != previous_control:
+            self._rescore_tumour_fovs("control calibrated")
+
+    def _on_overlay(self, outcome: JobOverlay) -> None:
+        job = outcome.job
+        body = OverlayBody(
+            fov_id=job.fov_id,
+            kind=job.kind,
+            layers=tuple(name for name, _ in outcome.layers),
+            width=outcome.width,
+            height=outcome.height,
+        )
+        payloads = [(Payload(name=name, encoding="png"), png) for name, png in outcome.layers]
+        self.publisher.publish(Topic.OVERLAY, body, payloads, case_id=self._case_id())
+
+    def _rescore_tumour_fovs(self, reason: str) -> int:
+        case = self.store.case
+        if case is None:
+            return 0
+        records = [r for r in case.fovs if r.kind == "fov"]
+        for record in records:
+            self._submit(record, trigger="rescore")
+        if records:
+            log.info("rescoring", reason=reason, n_fovs=len(records))
+        return len(records)
+
+    # --- status --------------------------------------------------------------------------------------------------
+
+    def status_body(self) -> StatusBody:
+        """The heartbeat's content, also the reply to ``status``."""
+        camera = self.grabber.status
+        case = self.store.case
+        return StatusBody(
+            daemon=self.state.value,
+            camera={
+                "state": camera.state.value,
+                "source": camera.source,
+                "fps": round(camera.fps, 2),
+                "frames_total": camera.frames_total,
+                "frames_dropped": camera.frames_dropped,
+                "reconnects": camera.reconnects,
+                "last_error": camera.last_error,
+                "warnings": list(camera.warnings),
+            },
+            stability=(self._last_update.state if self._last_update else StabilityState.MOVING).value,
+            auto_capture=self.auto_capture,
+            case_id=case.case_id if case else None,
+            n_fovs=sum(1 for r in case.fovs if r.kind == "fov") if case else 0,
+            control_calibrated=bool(case and case.control),
+            worker=self.worker.state.value,
+            queue=self.worker.queued,
+            uptime_s=round((_now_ms() - self._started_ms) / 1000.0, 1),
+        )
+
+    def _publish_status(self) -> None:
+        self._last_status_ms = _now_ms()
+        self.publisher.publish(Topic.STATUS, self.status_body(), case_id=self._case_id())
+
+    # --- control endpoint ----------------------------------------------------------------------------------------
+
+    def _serve_control(self) -> None:
+        for _ in range(100):  # bounded: a flood of requests must not starve the camera
+            try:
+                frames = self._control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._answer(frames)
+
+    def _answer(self, frames: list[bytes]) -> None:
+        # ROUTER envelope: [identity, (empty delimiter from REQ), request]
+        if len(frames) < 2:
+            return  # nobody to answer
+        identity = frames[0]
+        envelope = [identity, b""] if len(frames) >= 3 and frames[1] == b"" else [identity]
+        request_id = ""
+        extra: list[bytes] = []
+        try:
+            request = parse_request(frames[-1])
+            request_id = request.id
+            data, extra = self._dispatch(request)
+            reply = Reply(id=request_id, ok=True, data=data, payload_count=len(extra))
+        except (ProtocolError, RequestError, CaseError) as error:
+            reply = Reply(id=request_id, ok=False, error=str(error))
+        except Exception as error:  # a bug in a handler answers with an error, never kills the daemon
+            log.exception("control_request_failed", error=repr(error))
+            reply = Reply(id=request_id, ok=False, error=f"internal error: {type(error).__name__}: {error}")
+            extra = []
+        self._control.send_multipart([*envelope, reply.model_dump_json().encode(), *extra])
+
+    def _dispatch(self, request: Request) -> tuple[dict[str, Any], list[bytes]]:
+        args = request.args
+        match request.command:
+            case Command.CAPTURE | Command.CAPTURE_CONTROL:
+                kind: FovKind = "control" if request.command == Command.CAPTURE_CONTROL else "fov"
+                record = self._capture(_Trigger(kind, "control", _now_ms()))
+                return {"fov_id": record.fov_id, "kind": kind}, []
+            case Command.START_CASE:
+                case = self.store.start(
+                    self.config.scoring,
+                    self.config.case_rule,
+                    case_id=_optional_str(args, "case_id"),
+                    operator=_optional_str(args, "operator"),
+                )
+                log.info("case_started", case_id=case.case_id, operator=case.operator)
+                self._publish_status()
+                return {"case_id": case.case_id}, []
+            case Command.CLOSE_CASE:
+                summary = self.store.summary()
+                closed = self.store.close()
+                log.info("case_closed", case_id=closed.case_id, score=(summary.get("case") or {}).get("score"))
+                self._publish_status()
+                return {"case_id": closed.case_id, "summary": summary}, []
+            case Command.SET_ROI:
+                fov_id = _required_str(args, "fov_id")
+                polygon = _polygon(args.get("polygon"), allow_none=True)
+                record = self.store.set_roi(fov_id, polygon)
+                self._submit(record, trigger="rescore")
+                return {"fov_id": fov_id}, []
+            case Command.SET_WEAK:
+                return self._set_weak(args), []
+            case Command.SET_INTENSE:
+                return self._set_intense(args), []
+            case Command.EXCLUDE | Command.INCLUDE:
+                fov_id = _required_str(args, "fov_id")
+                record = self.store.set_excluded(fov_id, request.command == Command.EXCLUDE)
+                self._republish(record)
+                return {"fov_id": fov_id, "excluded": record.excluded}, []
+            case Command.RESCORE:
+                one = _optional_str(args, "fov_id")
+                if one is not None:
+                    self._submit(self.store.record(one), trigger="rescore")
+                    self.store.adjust("rescore", {"fov_id": one})
+                    return {"queued": 1}, []
+                if self.store.case is None:
+                    raise CaseError("no case is open")
+                self.store.adjust("rescore", {})
+                queued = 0
+                for record in self.store.case.fovs:
+                    self._submit(record, trigger="rescore")
+                    queued += 1
+                return {"queued": queued}, []
+            case Command.STATUS:
+                return self.status_body().model_dump(mode="json"), []
+            case Command.SNAPSHOT:
+                return {
+                    "last_seq": self.publisher.last_seq,
+                    "case": self.store.summary(),
+                    "status": self.status_body().model_dump(mode="json"),
+                }, []
+            case Command.REPLAY:
+                since = args.get("since_seq")
+                if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+                    raise RequestError("replay needs 'since_seq', a non-negative integer")
+                messages, complete = self.publisher.since(since)
+                frames = [frame for message in messages for frame in message]
+                return {
+                    "complete": complete,
+                    "last_seq": self.publisher.last_seq,
+                    "frames_per_message": [len(m) for m in messages],
+                }, frames
+            case Command.AUTO_CAPTURE:
+                enabled = args.get("enabled")
+                if not isinstance(enabled, bool):
+                    raise RequestError("auto-capture needs 'enabled': true or false")
+                self.auto_capture = enabled
+                self._publish_status()
+                return {"auto_capture": enabled}, []
+            case Command.STAGE:
+                return self._stage(args), []
+        raise RequestError(f"command {request.command.value!r} is not handled")  # pragma: no cover
+
+    def _republish(self, record: FovRecord) -> None:
+        body = ResultBody(
+            fov_id=record.fov_id,
+            kind=record.kind,
+            status="scored" if record.status == "scored" else "failed",
+            result=record.result.model_dump(mode="json") if record.result else None,
+            error=record.error,
+            case=self.store.summary(),
+        )
+        self.publisher.publish(Topic.RESULT, body, case_id=self._case_id())
+
+    def _set_weak(self, args: dict[str, Any]) -> dict[str, Any]:
+        from scoring import weak_threshold_from_region
+
+        fov_id = _required_str(args, "fov_id")
+        polygon = _polygon(args.get("polygon"))
+        if polygon is None:  # pragma: no cover - _polygon raises for None unless allowed
+            raise RequestError("set-weak needs a polygon")
+        record = self.store.record(fov_id)
+        case = self.store.case
+        assert case is not None
+        try:
+            threshold = weak_threshold_from_region(
+                self.store.image(fov_id), record.pixel_size_um, polygon, case.params, channel_order="BGR"
+            )
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+        params = case.params.model_copy(update={"weak_threshold_od": threshold})
+        self.store.set_params(params, "set-weak", {"fov_id": fov_id, "polygon": polygon, "threshold_od": threshold})
+        queued = self._rescore_all()
+        return {"weak_threshold_od": threshold, "queued": queued}
+
+    def _set_intense(self, args: dict[str, Any]) -> dict[str, Any]:
+        case = self.store.case
+        if case is None:
+            raise CaseError("no case is open")
+        fov_id = _optional_str(args, "fov_id") or case.control_fov_id
+        if fov_id is None:
+            raise RequestError("set-intense needs a captured positive control (or 'fov_id' of one)")
+        record = self.store.record(fov_id)
+        if record.kind != "control":
+            raise RequestError(f"{fov_id} is not a positive control; the intense threshold comes from a control")
+        polygon = _polygon(args.get("polygon"))
+        self.store.adjust("set-intense", {"fov_id": fov_id, "polygon": polygon})
+        self._submit(record, trigger="rescore", region=polygon)
+        return {"fov_id": fov_id, "queued": 1}
+
+    def _rescore_all(self) -> int:
+        case = self.store.case
+        if case is None:
+            return 0
+        for record in case.fovs:
+            self._submit(record, trigger="rescore")
+        return len(case.fovs)
+
+    def _stage(self, args: dict[str, Any]) -> dict[str, Any]:
+        from daemon.simulator import SimulatedMicroscope
+
+        if not isinstance(self.source, SimulatedMicroscope):
+            raise RequestError("stage commands need the simulated microscope (camera kind 'simulated')")
+        action = _required_str(args, "action")
+        microscope = self.source
+        if action == "goto-control":
+            microscope.goto_control()
+        elif action == "goto-field":
+            field = args.get("field")
+            if not isinstance(field, int) or isinstance(field, bool) or not 0 <= field < microscope.n_fields:
+                raise RequestError(f"goto-field needs 'field', an integer in [0, {microscope.n_fields})")
+            microscope.goto_field(field)
+        elif action == "hold":
+            microscope.hold()
+        elif action == "resume":
+            microscope.resume_script()
+        elif action == "unplug":
+            duration = args.get("duration_ms", 2000)
+            if not isinstance(duration, (int, float)) or isinstance(duration, bool) or not 0 < duration <= 600_000:
+                raise RequestError("unplug needs 'duration_ms' in (0, 600000]")
+            microscope.unplug(float(duration))
+        elif action == "freeze":
+            microscope.freeze()
+        elif action != "status":
+            raise RequestError(
+                f"unknown stage action {action!r}; use goto-control, goto-field, hold, resume, unplug, freeze or status"
+            )
+        status = microscope.status()
+        return {
+            "action": action,
+            "stage": {
+                "state": status.state.value,
+                "target": status.target,
+                "on_control": status.on_control,
+                "position_um": list(status.position_um),
+            },
+        }
+
+
+def _required_str(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"'{key}' must be a non-empty string")
+    return value
+
+
+def _optional_str(args: dict[str, Any], key: str) -> str | None:
+    value = args.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"'{key}' must be a non-empty string when given")
+    return value
+
+
+def _polygon(value: object, allow_none: bool = False) -> tuple[tuple[float, float], ...] | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, list) or len(value) < 3:
+        raise RequestError("'polygon' must be a list of at least 3 [row, col] vertices in FOV pixels")
+    vertices = []
+    for vertex in value:
+        if (
+            not isinstance(vertex, list)
+            or len(vertex) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vertex)
+            or not all(np.isfinite(v) for v in vertex)
+        ):
+            raise RequestError(f"polygon vertex {vertex!r:.60} is not a [row, col] pair of finite numbers")
+        vertices.append((float(vertex[0]), float(vertex[1])))
+    return tuple(vertices)
+
+
+def endpoints_file(state_directory: Path) -> Path:
+    """Where a running daemon writes its bound endpoints (for clients and tests using random ports)."""
+    return state_directory.expanduser() / "endpoints.json"

@@ -1,0 +1,312 @@
+"""End to end: the daemon as a real process on the simulated microscope, on random loopback ports.
+
+One daemon runs for the whole module (starting takes a few seconds: the virtual slide and the worker process);
+the tests talk to it over its real ZeroMQ sockets, in the order a pathologist would work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from clients.control import ControlClient, ControlError, Subscriber, read_endpoints
+from daemon.protocol import Message, Topic
+
+CONFIG = """
+[optics]
+pixel_size_um = 0.5
+
+[daemon.camera]
+kind = "simulated"
+width = 960
+height = 540
+fps = 15
+slide_fields = [2, 2]
+pan_ms = 500
+dwell_ms = 2500
+script = ["fields 4"]
+class_fractions = {{ "0" = 0.4, "1+" = 0.3, "2+" = 0.3 }}
+
+[daemon.watchdog]
+frame_timeout_ms = 700
+reopen_interval_ms = 300
+
+[daemon.capture]
+settle_ms = 300
+
+[daemon.zmq]
+publish = "tcp://127.0.0.1:*"
+control = "tcp://127.0.0.1:*"
+heartbeat_ms = 300
+
+[daemon.state]
+directory = "{state}"
+"""
+
+DEADLINE_S = 30.0
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = DEADLINE_S, what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail loudly after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class Daemon:
+    """A daemon subprocess with its clients."""
+
+    def __init__(self, state: Path, config_path: Path, log_path: Path) -> None:
+        self.state = state
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "clients.cli", "daemon", "--config", str(config_path), "--json-logs"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        endpoints_file = state / "endpoints.json"
+        wait_for(
+            lambda: endpoints_file.exists() and json.loads(endpoints_file.read_text()).get("pid") == self.process.pid,
+            what="the daemon's endpoints",
+        )
+        self.endpoints = read_endpoints(state)
+        self.control = ControlClient(self.endpoints["control"], timeout_ms=5000)
+        wait_for(self._running, what="the daemon to answer status")
+
+    def _running(self) -> bool:
+        try:
+            return self.control.call("status")["daemon"] == "running"
+        except ControlError:
+            return False
+
+    def subscribe(self, *topics: Topic) -> Subscriber:
+        return Subscriber(self.endpoints["publish"], [t.value for t in topics] or [""])
+
+    def stop(self) -> int:
+        self.control.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=15)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.log.close()
+        return code
+
+    def logs(self) -> list[dict[str, object]]:
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+
+def arrive(daemon: Daemon, target: str) -> None:
+    """Wait until the simulated stage rests on ``target`` and the daemon sees the field as still."""
+
+    def arrived() -> bool:
+        stage = daemon.control.call("stage", action="status")["stage"]
+        return bool(stage["state"] == "held" and stage["target"] == target)
+
+    wait_for(arrived, what=f"the stage to arrive at {target}")
+    wait_for(
+        lambda: daemon.control.call("status")["stability"] in ("stable", "captured"),
+        what=f"{target} to be still",
+    )
+
+
+def next_message(subscriber: Subscriber, predicate: Callable[[Message], bool], what: str) -> Message:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        message = subscriber.receive(timeout_ms=200)
+        if message is not None and predicate(message):
+            return message
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    root = tmp_path_factory.mktemp("daemon")
+    state = root / "state"
+    config = root / "config.toml"
+    config.write_text(CONFIG.format(state=state))
+    running = Daemon(state, config, root / "daemon.log")
+    yield running
+    if running.process.poll() is None:
+        running.stop()
+
+
+def test_previews_and_heartbeats_are_published(daemon: Daemon) -> None:
+    with daemon.subscribe(Topic.PREVIEW, Topic.STATUS) as subscriber:
+        preview = next_message(subscriber, lambda m: m.header.topic == Topic.PREVIEW, "a preview")
+        status = next_message(subscriber, lambda m: m.header.topic == Topic.STATUS, "a heartbeat")
+    jpeg = preview.payload("preview")
+    assert jpeg[:2] == b"\xff\xd8"  # a JPEG
+    assert preview.body.width == 960  # type: ignore[attr-defined]
+    assert status.body.camera["state"] == "live"  # type: ignore[attr-defined]
+    assert status.header.seq > 0 and status.header.time_ms > 0
+
+
+def test_a_field_where_the_stage_stops_is_captured_once_and_scored(daemon: Daemon) -> None:
+    daemon.control.call("stage", action="goto-field", field=0)
+    arrive(daemon, "field 0")  # settled (and captured) here: what follows is about the next field only
+    with daemon.subscribe(Topic.CAPTURE, Topic.RESULT) as subscriber:
+        daemon.control.call("stage", action="goto-field", field=1)
+        capture = next_message(
+            subscriber,
+            lambda m: m.header.topic == Topic.CAPTURE and m.body.trigger == "auto",  # type: ignore[attr-defined]
+            "an auto capture",
+        )
+        fov_id = capture.body.fov_id  # type: ignore[attr-defined]
+        result = next_message(
+            subscriber,
+            lambda m: m.header.topic == Topic.RESULT and m.body.fov_id == fov_id,  # type: ignore[attr-defined]
+            "its result",
+        )
+        assert result.body.status == "scored"  # type: ignore[attr-defined]
+        counts = result.body.result["counts"]  # type: ignore[attr-defined]
+        assert sum(counts.values()) > 50
+        assert result.body.case["case"]["n_fovs"] >= 1  # type: ignore[attr-defined]
+        # the stage rests on this field: no second auto capture of it
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            message = subscriber.receive(timeout_ms=100)
+            if message is not None and message.header.topic == Topic.CAPTURE:
+                trigger = message.body.trigger  # type: ignore[attr-defined]
+                assert trigger != "auto", "the same still field was auto-captured twice"
+    stage = daemon.control.call("stage", action="status")["stage"]
+    assert stage["target"] == "field 1" and stage["state"] == "held"
+
+
+def test_capture_over_the_control_endpoint_and_control_calibration(daemon: Daemon) -> None:
+    daemon.control.call("auto-capture", enabled=False)
+    with daemon.subscribe(Topic.RESULT) as subscriber:
+        daemon.control.call("stage", action="goto-control")
+        arrive(daemon, "control")
+        reply = daemon.control.call("capture-control")
+        assert reply["kind"] == "control"
+        control = next_message(
+            subscriber,
+            lambda m: m.body.fov_id == reply["fov_id"] and m.body.status == "scored",  # type: ignore[attr-defined]
+            "the control's result",
+        )
+        calibration = control.body.calibration  # type: ignore[attr-defined]
+        assert calibration is not None and calibration["qc_passed"]
+        daemon.control.call("stage", action="goto-field", field=2)
+        arrive(daemon, "field 2")
+        fov = daemon.control.call("capture")
+        result = next_message(
+            subscriber,
+            lambda m: m.body.fov_id == fov["fov_id"] and m.body.status == "scored",  # type: ignore[attr-defined]
+            "the next FOV's result",
+        )
+    assert result.body.result["intense_threshold_source"] == "positive control"  # type: ignore[attr-defined]
+    assert result.body.result["intense_threshold_od"] == pytest.approx(calibration["intense_threshold_od"])  # type: ignore[attr-defined]
+    assert result.body.case["control"]["fov_id"] == reply["fov_id"]  # type: ignore[attr-defined]
+    daemon.control.call("auto-capture", enabled=True)
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"command": "bogus"}', "command"),
+        (b'{"command": "status", "extra": 1}', "extra"),
+        (b'{"command": "exclude", "args": {}}', "fov_id"),
+        (b'{"command": "exclude", "args": {"fov_id": "fov-999"}}', "no FOV"),
+        (b'{"command": "set-roi", "args": {"fov_id": "fov-001", "polygon": [[1, 2]]}}', "polygon"),
+        (b'{"command": "replay", "args": {"since_seq": -1}}', "since_seq"),
+        (b'{"command": "stage", "args": {"action": "fly"}}', "unknown stage action"),
+        (b"\xff\xfe\x00", "not JSON"),
+    ],
+)
+def test_malformed_requests_get_error_replies_and_change_nothing(daemon: Daemon, frame: bytes, message: str) -> None:
+    before = daemon.control.call("snapshot")["case"]
+    reply, extra = daemon.control.request_raw(frame)
+    assert not reply.ok and reply.error is not None and message in reply.error
+    assert extra == []
+    after = daemon.control.call("snapshot")["case"]
+    assert [f["fov_id"] for f in after["fovs"]] == [f["fov_id"] for f in before["fovs"]]
+    assert daemon.process.poll() is None
+
+
+def test_a_late_subscriber_gets_a_snapshot_and_the_missed_messages(daemon: Daemon) -> None:
+    snapshot = daemon.control.call("snapshot")
+    assert snapshot["case"]["case_id"] is not None and snapshot["last_seq"] > 0
+    messages, complete = daemon.control.replay(max(0, snapshot["last_seq"] - 20))
+    assert messages, "recent results and status messages are buffered"
+    sequences = [m.header.seq for m in messages]
+    assert sequences == sorted(sequences) and all(m.header.topic != Topic.PREVIEW for m in messages)
+    assert isinstance(complete, bool)
+
+
+def test_a_simulated_unplug_is_detected_and_recovered(daemon: Daemon) -> None:
+    before = daemon.control.call("status")["camera"]["reconnects"]
+    with daemon.subscribe(Topic.STATUS, Topic.PREVIEW) as subscriber:
+        daemon.control.call("stage", action="unplug", duration_ms=1500)
+        next_message(
+            subscriber,
+            lambda m: m.header.topic == Topic.STATUS and m.body.camera["state"] == "lost",  # type: ignore[attr-defined]
+            "the camera reported lost",
+        )
+        next_message(
+            subscriber,
+            lambda m: m.header.topic == Topic.STATUS and m.body.camera["state"] == "live",  # type: ignore[attr-defined]
+            "the camera live again",
+        )
+        next_message(subscriber, lambda m: m.header.topic == Topic.PREVIEW, "previews again")
+    assert daemon.control.call("status")["camera"]["reconnects"] > before
+
+
+def test_exclude_and_rescore_update_the_case(daemon: Daemon) -> None:
+    case = daemon.control.call("snapshot")["case"]
+    fov = next(f for f in case["fovs"] if f["kind"] == "fov" and f["status"] == "scored")
+    with daemon.subscribe(Topic.RESULT) as subscriber:
+        daemon.control.call("exclude", fov_id=fov["fov_id"])
+        update = next_message(subscriber, lambda m: m.body.fov_id == fov["fov_id"], "the excluded FOV's update")  # type: ignore[attr-defined]
+        entry = next(f for f in update.body.case["fovs"] if f["fov_id"] == fov["fov_id"])  # type: ignore[attr-defined]
+        assert entry["excluded"]
+        daemon.control.call("include", fov_id=fov["fov_id"])
+        daemon.control.call("rescore", fov_id=fov["fov_id"])
+        rescored = next_message(
+            subscriber,
+            lambda m: m.body.fov_id == fov["fov_id"] and m.body.latency_ms is not None,  # type: ignore[attr-defined]
+            "the re-scored FOV",
+        )
+    assert rescored.body.result["counts"] == fov["counts"]  # type: ignore[attr-defined]
+
+
+def test_sigterm_stops_cleanly_and_a_restart_resumes_the_case(daemon: Daemon, tmp_path: Path) -> None:
+    case = daemon.control.call("snapshot")["case"]
+    assert daemon.stop() == 0
+    events = [e.get("event") for e in daemon.logs()]
+    assert "daemon_stopped" in events
+    assert not any(e.get("level") == "error" and e.get("event") == "loop_step_failed" for e in daemon.logs())
+    config = daemon.state.parent / "config.toml"
+    restarted = Daemon(daemon.state, config, tmp_path / "restart.log")
+    try:
+        resumed = restarted.control.call("snapshot")["case"]
+        assert resumed["case_id"] == case["case_id"]
+        assert [f["fov_id"] for f in resumed["fovs"]][: len(case["fovs"])] == [f["fov_id"] for f in case["fovs"]]
+        assert resumed["control"] is not None
+    finally:
+        assert restarted.stop() == 0
