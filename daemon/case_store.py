@@ -88,11 +88,15 @@ def _now() -> str:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a torn temporary file would hold on to the space of a full disk
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -140,25 +144,23 @@ class CaseStore:
         """Open a new case (closing the open one first)."""
         if case_id is None:
             case_id = "case-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        if not _CASE_ID.match(case_id):
+        if not _CASE_ID.fullmatch(case_id):  # not match: "$" would let a trailing newline (a scanner's) through
             raise CaseError(f"case id {case_id!r} must be 1-80 letters, digits, '.', '_' or '-' (it names a folder)")
         if (self.directory / "cases" / case_id / "case.json").exists():
             raise CaseError(f"case {case_id!r} already exists; choose another id")
         if self._case is not None:
             self.close()
-        self._case = CaseState(case_id=case_id, operator=operator, started_at=_now(), params=params, rule=rule)
-        self.case_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._persist()
+        case = CaseState(case_id=case_id, operator=operator, started_at=_now(), params=params, rule=rule)
+        (self.directory / "cases" / case_id).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._commit(case)
         _atomic_write(self.directory / "current", case_id.encode())
-        return self._case
+        return case
 
     def close(self) -> CaseState:
         """Close the open case; it stays on disk."""
-        case = self._require()
-        self._case = case.model_copy(update={"closed_at": _now()})
-        self._persist()
+        closed = self._require().model_copy(update={"closed_at": _now()})
+        self._commit(closed)
         (self.directory / "current").unlink(missing_ok=True)
-        closed = self._case
         self._case = None
         return closed
 
@@ -182,8 +184,7 @@ class CaseStore:
             image_file=file_name,
             pixel_size_um=pixel_size_um,
         )
-        self._case = case.model_copy(update={"fovs": (*case.fovs, record), "next_index": case.next_index + 1})
-        self._persist()
+        self._commit(case.model_copy(update={"fovs": (*case.fovs, record), "next_index": case.next_index + 1}))
         return record
 
     def record(self, fov_id: str) -> FovRecord:
@@ -215,39 +216,32 @@ class CaseStore:
         update: dict[str, Any] = {}
         if calibration is not None and record.kind == "control":
             update = {"control": calibration, "control_fov_id": fov_id}
-        self._replace(record, **update)
+        self._commit(self._replaced(record, **update))
         return record
 
     def set_excluded(self, fov_id: str, excluded: bool) -> FovRecord:
         """Exclude a FOV from (or include it again in) the case score."""
         record = self.record(fov_id).model_copy(update={"excluded": excluded})
-        self._replace(record)
-        self.adjust("exclude" if excluded else "include", {"fov_id": fov_id})
+        self._commit(_adjusted(self._replaced(record), "exclude" if excluded else "include", {"fov_id": fov_id}))
         return record
 
     def set_roi(self, fov_id: str, roi: tuple[RowCol, ...] | None) -> FovRecord:
         """Set (or clear, with None) the ROI polygon of a FOV; it must then be re-scored."""
         record = self.record(fov_id).model_copy(update={"roi": roi, "status": "pending"})
-        self._replace(record)
-        self.adjust("set-roi", {"fov_id": fov_id, "polygon": roi})
+        self._commit(_adjusted(self._replaced(record), "set-roi", {"fov_id": fov_id, "polygon": roi}))
         return record
 
     def set_params(self, params: ScoringParams, action: str, args: dict[str, Any]) -> None:
         """Change the case's scoring parameters (e.g. the weak threshold from a region)."""
-        self._case = self._require().model_copy(update={"params": params})
-        self.adjust(action, args)
+        self._commit(_adjusted(self._require().model_copy(update={"params": params}), action, args))
 
     def set_control(self, calibration: ControlCalibration, action: str, args: dict[str, Any]) -> None:
         """Replace the case's control calibration (e.g. from a region of the control)."""
-        self._case = self._require().model_copy(update={"control": calibration})
-        self.adjust(action, args)
+        self._commit(_adjusted(self._require().model_copy(update={"control": calibration}), action, args))
 
     def adjust(self, action: str, args: dict[str, Any]) -> None:
         """Append an adjustment to the audit trail and persist."""
-        case = self._require()
-        adjustment = Adjustment(time=_now(), action=action, args=json.loads(json.dumps(args)))
-        self._case = case.model_copy(update={"adjustments": (*case.adjustments, adjustment)})
-        self._persist()
+        self._commit(_adjusted(self._require(), action, args))
 
     def summary(self) -> dict[str, Any]:
         """The case summary published with every result and returned by ``snapshot``."""
@@ -299,12 +293,19 @@ class CaseStore:
             raise CaseError("no case is open: start one with start-case (a capture starts one too)")
         return self._case
 
-    def _replace(self, record: FovRecord, **update: Any) -> None:
+    def _replaced(self, record: FovRecord, **update: Any) -> CaseState:
         case = self._require()
         fovs = tuple(record if r.fov_id == record.fov_id else r for r in case.fovs)
-        self._case = case.model_copy(update={"fovs": fovs, **update})
-        self._persist()
+        return case.model_copy(update={"fovs": fovs, **update})
 
-    def _persist(self) -> None:
-        case = self._require()
-        _atomic_write(self.case_dir / "case.json", case.model_dump_json(indent=1).encode())
+    def _commit(self, case: CaseState) -> None:
+        """Persist ``case``, then make it the open case: after a failed write, memory still matches the disk."""
+        path = self.directory / "cases" / case.case_id / "case.json"
+        _atomic_write(path, case.model_dump_json(indent=1).encode())
+        self._case = case
+
+
+def _adjusted(case: CaseState, action: str, args: dict[str, Any]) -> CaseState:
+    """``case`` with an adjustment appended to its audit trail."""
+    adjustment = Adjustment(time=_now(), action=action, args=json.loads(json.dumps(args)))
+    return case.model_copy(update={"adjustments": (*case.adjustments, adjustment)})
