@@ -192,19 +192,31 @@ def main() -> None:
     first = statistics.mean(r for _, r in rss[: max(1, half)])
     last = statistics.mean(r for _, r in rss[half:]) if rss[half:] else first
     print(json.dumps({"frames": "1920x1080 @ 30 fps, 0.25 um/px", "captures": args.captures}, indent=None))
-    print(f"trigger -> result received (SUB), ms:  p50 {percentile(round_trip, 50):6.1f}   "
-          f"p95 {percentile(round_trip, 95):6.1f}   max {max(round_trip):6.1f}")
-    print(f"trigger -> result published (daemon), ms: p50 {percentile(in_daemon, 50):6.1f}   "
-          f"p95 {percentile(in_daemon, 95):6.1f}")
-    print(f"live, stage still:   daemon CPU {still_cpu:5.1f}% of one core, idle worker {still_worker:4.1f}%, "
-          f"RSS {still_rss:.0f} MiB")
-    print(f"live, stage panning: daemon CPU {pan_cpu:5.1f}% of one core, idle worker {pan_worker:4.1f}%, "
-          f"RSS {pan_rss:.0f} MiB")
-    print(f"soak {args.soak_s:.0f} s (panning, no captures): RSS first half {first:.1f} MiB, second half "
-          f"{last:.1f} MiB, growth {last - first:+.1f} MiB; samples {[round(r) for _, r in rss]}")
+    print(
+        f"trigger -> result received (SUB), ms:  p50 {percentile(round_trip, 50):6.1f}   "
+        f"p95 {percentile(round_trip, 95):6.1f}   max {max(round_trip):6.1f}"
+    )
+    print(
+        f"trigger -> result published (daemon), ms: p50 {percentile(in_daemon, 50):6.1f}   "
+        f"p95 {percentile(in_daemon, 95):6.1f}"
+    )
+    print(
+        f"live, stage still:   daemon CPU {still_cpu:5.1f}% of one core, idle worker {still_worker:4.1f}%, "
+        f"RSS {still_rss:.0f} MiB"
+    )
+    print(
+        f"live, stage panning: daemon CPU {pan_cpu:5.1f}% of one core, idle worker {pan_worker:4.1f}%, "
+        f"RSS {pan_rss:.0f} MiB"
+    )
+    print(
+        f"soak {args.soak_s:.0f} s (panning, no captures): RSS first half {first:.1f} MiB, second half "
+        f"{last:.1f} MiB, growth {last - first:+.1f} MiB; samples {[round(r) for _, r in rss]}"
+    )
     print(f"previews received by the subscriber: {drain.previews}")
-    print(f"goals: p95 <= 150 ms {'met' if percentile(round_trip, 95) <= 150 else 'NOT met'}; "
-          f"CPU <= 25% {'met' if max(still_cpu, pan_cpu) <= 25 else 'NOT met'}")
+    print(
+        f"goals: p95 <= 150 ms {'met' if percentile(round_trip, 95) <= 150 else 'NOT met'}; "
+        f"CPU <= 25% {'met' if max(still_cpu, pan_cpu) <= 25 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

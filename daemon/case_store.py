@@ -15,7 +15,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import queue
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +58,9 @@ class FovRecord(_Model):
     error: str | None = None
     excluded: bool = False
     roi: tuple[RowCol, ...] | None = None
+    calibration_region: tuple[RowCol, ...] | None = Field(
+        None, description="For a control: the region the intense threshold is taken from (None: all of it)"
+    )
 
 
 class Adjustment(_Model):
@@ -104,12 +110,79 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
+class ImageWriter:
+    """Encodes and writes captured images (lossless PNG) on a thread of its own, in order.
+
+    PNG-encoding a 1080p frame takes 50–100 ms; done on the daemon's loop it would delay every result. Writes that
+    fail (a full disk) are reported by :meth:`poll` and retried by the caller; the image stays in memory meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[str, Path, npt.NDArray[np.uint8]] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="her2scope-image-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, path: Path, image: npt.NDArray[np.uint8]) -> None:
+        """Queue ``image`` to be written to ``path``; ``key`` identifies it in :meth:`poll`."""
+        with self._idle:
+            self._pending += 1
+        self._jobs.put((key, path, image))
+
+    def poll(self) -> list[tuple[str, str | None]]:
+        """(key, None) for each image written since the last call, (key, error) for each that failed."""
+        finished = []
+        while True:
+            try:
+                finished.append(self._done.get_nowait())
+            except queue.Empty:
+                return finished
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued image is written (or failed); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Write what is queued, then end the thread."""
+        self._jobs.put(None)
+        self._thread.join(timeout=timeout_s)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            key, path, image = job
+            error: str | None = None
+            try:
+                ok, png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+                if not ok:
+                    raise OSError(f"could not encode {path.name} as PNG")
+                _atomic_write(path, png.tobytes())
+            except Exception as failure:  # reported to the caller, never fatal to the thread
+                error = f"{type(failure).__name__}: {failure}"
+            self._done.put((key, error))
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+
 class CaseStore:
-    """Holds the open case and keeps its folder in step. Used from the daemon's main thread only."""
+    """Holds the open case and keeps its folder in step. Used from the daemon's main thread only.
+
+    Captured images are written by an :class:`ImageWriter`; until they are on disk they are served from memory.
+    Call :meth:`poll_images` regularly (the daemon's loop does) to learn of written and failed images.
+    """
+
+    #: A failed image write is tried again after this long (the disk may have been cleared).
+    RETRY_S = 5.0
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._case: CaseState | None = None
+        self._writer = ImageWriter()
+        self._unsaved: dict[str, tuple[Path, npt.NDArray[np.uint8]]] = {}  # fov_id → (path, image)
+        self._failed_at: dict[str, float] = {}
 
     @property
     def case(self) -> CaseState | None:
@@ -151,13 +224,16 @@ class CaseStore:
         if self._case is not None:
             self.close()
         case = CaseState(case_id=case_id, operator=operator, started_at=_now(), params=params, rule=rule)
-        (self.directory / "cases" / case_id).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for folder in (self.directory / "cases", self.directory / "cases" / case_id):
+            folder.mkdir(exist_ok=True, mode=0o700)  # patients' images: readable by the service's user only
         self._commit(case)
         _atomic_write(self.directory / "current", case_id.encode())
         return case
 
     def close(self) -> CaseState:
-        """Close the open case; it stays on disk."""
+        """Close the open case (after its images are written); it stays on disk."""
+        self.flush_images()
         closed = self._require().model_copy(update={"closed_at": _now()})
         self._commit(closed)
         (self.directory / "current").unlink(missing_ok=True)
@@ -167,14 +243,13 @@ class CaseStore:
     def add_capture(
         self, kind: Literal["fov", "control"], image_bgr: npt.NDArray[np.uint8], trigger: str, pixel_size_um: float
     ) -> FovRecord:
-        """Save a captured image losslessly and add it to the case as pending. OSError when the disk is full."""
+        """Add a captured image to the case as pending; it is written losslessly in the background.
+
+        Raises OSError when ``case.json`` cannot be written (a full disk); the case is then unchanged.
+        """
         case = self._require()
         fov_id = f"{'control' if kind == 'control' else 'fov'}-{case.next_index:03d}"
         file_name = f"{fov_id}.png"
-        ok, png = cv2.imencode(".png", image_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-        if not ok:
-            raise OSError(f"could not encode {fov_id} as PNG")
-        _atomic_write(self.case_dir / file_name, png.tobytes())
         record = FovRecord(
             fov_id=fov_id,
             kind=kind,
@@ -185,7 +260,47 @@ class CaseStore:
             pixel_size_um=pixel_size_um,
         )
         self._commit(case.model_copy(update={"fovs": (*case.fovs, record), "next_index": case.next_index + 1}))
+        path = self.case_dir / file_name
+        self._unsaved[fov_id] = (path, image_bgr)
+        self._writer.submit(fov_id, path, image_bgr)
         return record
+
+    def poll_images(self) -> list[tuple[str, str]]:
+        """Note the images written since the last call; return (fov_id, error) for those that failed.
+
+        Failed writes are retried every ``RETRY_S`` seconds; the image is kept in memory until it is on disk.
+        """
+        failures = []
+        for fov_id, error in self._writer.poll():
+            if error is None:
+                self._unsaved.pop(fov_id, None)
+                self._failed_at.pop(fov_id, None)
+            else:
+                self._failed_at[fov_id] = time.monotonic()
+                failures.append((fov_id, error))
+        now = time.monotonic()
+        for fov_id, failed_at in list(self._failed_at.items()):
+            if now - failed_at >= self.RETRY_S and fov_id in self._unsaved:
+                del self._failed_at[fov_id]
+                self._writer.submit(fov_id, *self._unsaved[fov_id])
+        return failures
+
+    @property
+    def unsaved_images(self) -> int:
+        """Captured images not yet on disk (being written, or failed and waiting for a retry)."""
+        return len(self._unsaved)
+
+    def flush_images(self, timeout_s: float = 30.0) -> bool:
+        """Wait for the queued image writes; False if some are still unwritten (failed or timed out)."""
+        self._writer.flush(timeout_s)
+        self.poll_images()
+        return not self._unsaved
+
+    def shutdown(self, timeout_s: float = 30.0) -> bool:
+        """Write the queued images and stop the writer; False if some images could not be written."""
+        saved = self.flush_images(timeout_s)
+        self._writer.stop(timeout_s)
+        return saved
 
     def record(self, fov_id: str) -> FovRecord:
         """The record of ``fov_id``; CaseError if the case has no such FOV."""
@@ -195,7 +310,9 @@ class CaseStore:
         raise CaseError(f"no FOV {fov_id!r} in case {self._require().case_id!r}")
 
     def image(self, fov_id: str) -> npt.NDArray[np.uint8]:
-        """The captured image (BGR) of ``fov_id``, read back from the case folder."""
+        """The captured image (BGR) of ``fov_id``: from memory while it is being written, else from its file."""
+        if fov_id in self._unsaved:
+            return self._unsaved[fov_id][1]
         path = self.case_dir / self.record(fov_id).image_file
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
@@ -231,6 +348,15 @@ class CaseStore:
         self._commit(_adjusted(self._replaced(record), "set-roi", {"fov_id": fov_id, "polygon": roi}))
         return record
 
+    def set_calibration_region(self, fov_id: str, region: tuple[RowCol, ...] | None) -> FovRecord:
+        """Set (or clear) the region of a control the intense threshold is taken from; it must be re-scored."""
+        record = self.record(fov_id)
+        if record.kind != "control":
+            raise CaseError(f"{fov_id} is not a positive control; the intense threshold comes from a control")
+        record = record.model_copy(update={"calibration_region": region, "status": "pending"})
+        self._commit(_adjusted(self._replaced(record), "set-intense", {"fov_id": fov_id, "polygon": region}))
+        return record
+
     def set_params(self, params: ScoringParams, action: str, args: dict[str, Any]) -> None:
         """Change the case's scoring parameters (e.g. the weak threshold from a region)."""
         self._commit(_adjusted(self._require().model_copy(update={"params": params}), action, args))
@@ -243,11 +369,19 @@ class CaseStore:
         """Append an adjustment to the audit trail and persist."""
         self._commit(_adjusted(self._require(), action, args))
 
-    def summary(self) -> dict[str, Any]:
-        """The case summary published with every result and returned by ``snapshot``."""
-        case = self._case
+    def summary(self, case: CaseState | None = None) -> dict[str, Any]:
+        """The summary of ``case`` (default: the open case) published with every result and in ``snapshot``."""
+        case = case or self._case
         if case is None:
-            return {"case_id": None, "open": False, "fovs": [], "control": None, "case": None}
+            return {
+                "case_id": None,
+                "open": False,
+                "operator": None,
+                "started_at": None,
+                "fovs": [],
+                "control": None,
+                "case": None,
+            }
         scored = [r for r in case.fovs if r.kind == "fov" and r.status == "scored" and not r.excluded]
         results = [r.result for r in scored if r.result is not None]
         case_result = score_case(results, case.rule, case.control)

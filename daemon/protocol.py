@@ -51,6 +51,10 @@ class Header(_Model):
     v: Literal[1] = 1
     topic: Topic
     seq: int = Field(ge=0, description="Per-publisher sequence number, +1 per message (previews included)")
+    topic_seq: int = Field(
+        0, ge=0, description="+1 per message of this topic: a subscriber to some topics only detects its gaps"
+    )
+    session: str = Field("", description="Random id of this daemon run: a new value means the daemon restarted")
     time_ms: float = Field(description="Wall-clock time the message was made, ms since the Unix epoch")
     case_id: str | None = None
     payloads: tuple[Payload, ...] = ()
@@ -73,7 +77,9 @@ class CaptureBody(_Model):
 
     fov_id: str
     kind: Literal["fov", "control"]
-    trigger: Literal["auto", "pedal", "control", "rescore"]
+    trigger: Literal["auto", "pedal", "control"] = Field(
+        description="What asked for it: auto-capture, the foot pedal, or a request on the control endpoint"
+    )
     frame_index: int
     pixel_size_um: float
 
@@ -83,8 +89,10 @@ class ResultBody(_Model):
 
     fov_id: str
     kind: Literal["fov", "control"]
-    status: Literal["scored", "failed"]
-    result: dict[str, Any] | None = Field(None, description="FovResult as JSON; null when failed")
+    status: Literal["scored", "failed", "pending"] = Field(
+        description="pending: captured or changed (ROI, threshold) and waiting to be (re-)scored"
+    )
+    result: dict[str, Any] | None = Field(None, description="FovResult as JSON; null unless scored")
     calibration: dict[str, Any] | None = Field(None, description="ControlCalibration as JSON, for a control")
     error: str | None = None
     case: dict[str, Any] = Field(description="The case summary after this FOV (see CaseSummary)")
@@ -105,15 +113,18 @@ class OverlayBody(_Model):
 class StatusBody(_Model):
     """The daemon's heartbeat."""
 
-    daemon: str = Field(description="Daemon state: starting, running, stopping")
+    daemon: str = Field(description="Daemon state; 'running' in every heartbeat")
     camera: dict[str, Any] = Field(description="Camera state, fps, frame counters, last error")
     stability: str
     auto_capture: bool
     case_id: str | None
     n_fovs: int
     control_calibrated: bool
-    worker: str = Field(description="Scoring worker state: idle, busy, restarting")
+    worker: str = Field(description="Scoring worker state: idle, busy, restarting or stopped")
     queue: int = Field(description="FOVs waiting to be scored")
+    unsaved_images: int = Field(
+        0, description="Captured images not yet on disk (being written, or waiting to retry after a full disk)"
+    )
     uptime_s: float
 
 
@@ -149,6 +160,9 @@ def encode(
     body: _Model,
     payloads: Sequence[tuple[Payload, bytes]] = (),
     case_id: str | None = None,
+    *,
+    topic_seq: int = 0,
+    session: str = "",
 ) -> list[bytes]:
     """Frames of one message: ``[topic, header JSON, *payload bytes]``."""
     if not isinstance(body, BODY_MODELS[topic]):
@@ -156,6 +170,8 @@ def encode(
     header = Header(
         topic=topic,
         seq=seq,
+        topic_seq=topic_seq,
+        session=session,
         time_ms=time_ms,
         case_id=case_id,
         payloads=tuple(p for p, _ in payloads),

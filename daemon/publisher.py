@@ -1,12 +1,14 @@
 """The PUB side: sequence numbers, a replay buffer for late joiners, and the last value of every topic.
 
-After zguide chapter 5 (Clone): a subscriber that joins late or notices a gap in ``seq`` asks the control
-endpoint for a snapshot (the case, the last message of each topic) and for the messages it missed (``replay``),
-which this buffer keeps (previews excepted: they are stale by the time anyone would replay them).
+After zguide chapter 5 (Clone): a subscriber that joins late, or notices a gap in ``seq`` (or ``topic_seq`` for
+the topics it follows), or a new ``session``, asks the control endpoint for a snapshot (the case, the status) and
+for the messages it missed (``replay``), which this buffer keeps (previews excepted: they are stale by the time
+anyone would replay them). ``last(topic)`` is a last-value cache of every topic.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -29,6 +31,8 @@ class Publisher:
         self._buffer: deque[tuple[int, list[bytes]]] = deque(maxlen=replay_buffer)
         self._last: dict[Topic, list[bytes]] = {}
         self._seq = 0
+        self._topic_seq: dict[Topic, int] = dict.fromkeys(Topic, 0)
+        self.session = secrets.token_hex(8)  # new every run: subscribers tell a restart from a gap
         self._evicted_up_to = 0  # highest sequence number that has left the replay buffer
         self._clock_ms = clock_ms or (lambda: time.time() * 1000.0)
 
@@ -47,7 +51,17 @@ class Publisher:
         """Send one message; return its sequence number. Never blocks: a slow subscriber loses messages at its
         high-water mark and recovers them by ``replay``."""
         self._seq += 1
-        frames = encode(topic, self._seq, self._clock_ms(), body, payloads, case_id)
+        self._topic_seq[topic] += 1
+        frames = encode(
+            topic,
+            self._seq,
+            self._clock_ms(),
+            body,
+            payloads,
+            case_id,
+            topic_seq=self._topic_seq[topic],
+            session=self.session,
+        )
         self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         if topic not in _UNBUFFERED:
             if len(self._buffer) == self._buffer.maxlen:

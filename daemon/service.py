@@ -191,6 +191,10 @@ class Daemon:
             log.error("pedal_unavailable", error=str(error))
             self._pedal = None
 
+    def _save_images(self) -> None:
+        if not self.store.shutdown(timeout_s=30.0):
+            log.error("images_not_saved_at_exit", unsaved=self.store.unsaved_images)
+
     def _shutdown(self) -> None:
         self.state = DaemonState.STOPPING
         systemd.notify("STOPPING=1")
@@ -199,6 +203,7 @@ class Daemon:
             ("pedal", (lambda: self._pedal.stop()) if self._pedal is not None else None),
             ("grabber", self.grabber.stop),
             ("worker", self.worker.stop),
+            ("images", self._save_images),
         ):
             if stop is None:
                 continue
@@ -224,6 +229,7 @@ class Daemon:
         if self._control in events:
             self._guarded("control", self._serve_control)
         self._guarded("worker", self._collect_outcomes)
+        self._guarded("images", self._check_images)
         self._guarded("camera_events", self._camera_changes)
         self._guarded("frame", self._on_frame)
         self._guarded("triggers", self._drain_triggers)
@@ -300,6 +306,12 @@ class Daemon:
         if changed:
             self._publish_status()
 
+    def _check_images(self) -> None:
+        for fov_id, error in self.store.poll_images():
+            # kept in memory and retried: clearing the disk loses nothing
+            log.error("image_not_saved", fov=fov_id, error=error, unsaved=self.store.unsaved_images)
+            self._publish_status()
+
     def _heartbeat(self) -> None:
         now = _now_ms()
         if now - self._last_status_ms >= self.config.daemon.zmq.heartbeat_ms:
@@ -318,6 +330,7 @@ class Daemon:
         if self.store.case is None:
             case = self.store.start(self.config.scoring, self.config.case_rule)
             log.info("case_started", case_id=case.case_id, reason="first capture")
+            self._publish_status()
 
     def _capture(self, trigger: _Trigger) -> FovRecord:
         frame = self._last_frame
@@ -352,6 +365,8 @@ class Daemon:
             raise CaseError("no case is open")
         if record.fov_id not in self._trigger_ms:
             self._trigger_ms[record.fov_id] = _now_ms()
+        if region is None and record.kind == "control":
+            region = record.calibration_region
         job = ScoreJob(
             job_id=self._next_job,
             fov_id=record.fov_id,
@@ -364,6 +379,7 @@ class Daemon:
             roi=record.roi,
             region=region,
             overlay_width=self.config.daemon.preview.overlay_width_px,
+            case_id=case.case_id,
         )
         self._next_job += 1
         self.worker.submit(job)
@@ -377,8 +393,8 @@ class Daemon:
 
     def _on_result(self, outcome: JobResult) -> None:
         job = outcome.job
-        if self.store.case is None or job.fov_id not in {r.fov_id for r in self.store.case.fovs}:
-            return  # the case was closed meanwhile
+        if self.store.case is None or job.case_id != self.store.case.case_id:
+            return  # its case was closed meanwhile (FOV ids restart in every case)
         previous_control = self.store.case.control
         self.store.set_result(job.fov_id, outcome.result, outcome.error, outcome.calibration)
         latency = _now_ms() - self._trigger_ms.pop(job.fov_id, job.submitted_ms)
@@ -410,6 +426,8 @@ class Daemon:
 
     def _on_overlay(self, outcome: JobOverlay) -> None:
         job = outcome.job
+        if self.store.case is None or job.case_id != self.store.case.case_id:
+            return
         body = OverlayBody(
             fov_id=job.fov_id,
             kind=job.kind,
@@ -456,6 +474,7 @@ class Daemon:
             control_calibrated=bool(case and case.control),
             worker=self.worker.state.value,
             queue=self.worker.queued,
+            unsaved_images=self.store.unsaved_images,
             uptime_s=round((_now_ms() - self._started_ms) / 1000.0, 1),
         )
 
@@ -482,12 +501,16 @@ class Daemon:
         request_id = ""
         extra: list[bytes] = []
         try:
+            request_id = _request_id(frames[-1])
             request = parse_request(frames[-1])
-            request_id = request.id
+            _check_args(request)
             data, extra = self._dispatch(request)
             reply = Reply(id=request_id, ok=True, data=data, payload_count=len(extra))
         except (ProtocolError, RequestError, CaseError) as error:
             reply = Reply(id=request_id, ok=False, error=str(error))
+        except OSError as error:  # a full or failing disk: the case is unchanged (it is written before it is kept)
+            log.error("control_request_io_error", error=str(error))
+            reply = Reply(id=request_id, ok=False, error=f"cannot write the case to disk: {error}")
         except Exception as error:  # a bug in a handler answers with an error, never kills the daemon
             log.exception("control_request_failed", error=repr(error))
             reply = Reply(id=request_id, ok=False, error=f"internal error: {type(error).__name__}: {error}")
@@ -512,8 +535,8 @@ class Daemon:
                 self._publish_status()
                 return {"case_id": case.case_id}, []
             case Command.CLOSE_CASE:
-                summary = self.store.summary()
                 closed = self.store.close()
+                summary = self.store.summary(closed)
                 log.info("case_closed", case_id=closed.case_id, score=(summary.get("case") or {}).get("score"))
                 self._publish_status()
                 return {"case_id": closed.case_id, "summary": summary}, []
@@ -551,6 +574,7 @@ class Daemon:
             case Command.SNAPSHOT:
                 return {
                     "last_seq": self.publisher.last_seq,
+                    "session": self.publisher.session,
                     "case": self.store.summary(),
                     "status": self.status_body().model_dump(mode="json"),
                 }, []
@@ -580,7 +604,7 @@ class Daemon:
         body = ResultBody(
             fov_id=record.fov_id,
             kind=record.kind,
-            status="scored" if record.status == "scored" else "failed",
+            status=record.status,
             result=record.result.model_dump(mode="json") if record.result else None,
             error=record.error,
             case=self.store.summary(),
@@ -618,9 +642,9 @@ class Daemon:
         record = self.store.record(fov_id)
         if record.kind != "control":
             raise RequestError(f"{fov_id} is not a positive control; the intense threshold comes from a control")
-        polygon = _polygon(args.get("polygon"))
-        self.store.adjust("set-intense", {"fov_id": fov_id, "polygon": polygon})
-        self._submit(record, trigger="rescore", region=polygon)
+        polygon = _polygon(args.get("polygon"), allow_none=True)  # None: calibrate from the whole control again
+        record = self.store.set_calibration_region(fov_id, polygon)
+        self._submit(record, trigger="rescore")
         return {"fov_id": fov_id, "queued": 1}
 
     def _rescore_all(self) -> int:
@@ -670,6 +694,43 @@ class Daemon:
                 "position_um": list(status.position_um),
             },
         }
+
+
+#: The arguments each command takes: anything else is an error, so that a typo cannot change what it does.
+ALLOWED_ARGS: dict[Command, frozenset[str]] = {
+    Command.CAPTURE: frozenset(),
+    Command.CAPTURE_CONTROL: frozenset(),
+    Command.START_CASE: frozenset({"case_id", "operator"}),
+    Command.CLOSE_CASE: frozenset(),
+    Command.SET_ROI: frozenset({"fov_id", "polygon"}),
+    Command.SET_WEAK: frozenset({"fov_id", "polygon"}),
+    Command.SET_INTENSE: frozenset({"fov_id", "polygon"}),
+    Command.EXCLUDE: frozenset({"fov_id"}),
+    Command.INCLUDE: frozenset({"fov_id"}),
+    Command.RESCORE: frozenset({"fov_id"}),
+    Command.STATUS: frozenset(),
+    Command.SNAPSHOT: frozenset(),
+    Command.REPLAY: frozenset({"since_seq"}),
+    Command.AUTO_CAPTURE: frozenset({"enabled"}),
+    Command.STAGE: frozenset({"action", "field", "duration_ms"}),
+}
+
+
+def _check_args(request: Request) -> None:
+    unknown = sorted(set(request.args) - ALLOWED_ARGS[request.command])
+    if unknown:
+        allowed = ", ".join(sorted(ALLOWED_ARGS[request.command])) or "none"
+        raise RequestError(f"unknown argument(s) {', '.join(unknown)} for {request.command.value}; it takes: {allowed}")
+
+
+def _request_id(frame: bytes) -> str:
+    """The request's id, if it can be read, so that even an error reply carries it."""
+    try:
+        document = json.loads(frame)
+    except (UnicodeDecodeError, ValueError):
+        return ""
+    identifier = document.get("id") if isinstance(document, dict) else None
+    return identifier[:200] if isinstance(identifier, str) else ""
 
 
 def _required_str(args: dict[str, Any], key: str) -> str:

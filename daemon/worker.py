@@ -61,6 +61,7 @@ class ScoreJob:
     region: tuple[RowCol, ...] | None = None
     overlay: bool = True
     overlay_width: int | None = None  # draw the layers at this width (a display's), not the FOV's
+    case_id: str | None = None  # the case the FOV belongs to (FOV ids restart in every case)
     submitted_ms: float = field(default_factory=lambda: time.monotonic() * 1000.0)
 
 
@@ -145,7 +146,12 @@ def _serve_job(connection: Connection, header: dict[str, Any], image: npt.NDArra
     connection.send_bytes(json.dumps(reply).encode())
     if analysis is None or not header["overlay"]:
         return
-    overlay = render_overlay(analysis, width=header["overlay_width"])
+    try:
+        overlay = render_overlay(analysis, width=header["overlay_width"])
+    except Exception as error:  # the result is out; only the overlay is lost
+        failure = {"job_id": header["job_id"], "type": "overlay", "layers": [], "width": 0, "height": 0}
+        connection.send_bytes(json.dumps({**failure, "error": f"{type(error).__name__}: {error}"}).encode())
+        return
     names, pngs = [], []
     for name, layer in overlay.layers.items():
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(layer, cv2.COLOR_RGBA2BGRA), [cv2.IMWRITE_PNG_COMPRESSION, 1])
@@ -163,14 +169,29 @@ def _serve_job(connection: Connection, header: dict[str, Any], image: npt.NDArra
 
 
 def _worker_main(connection: Connection) -> None:
-    """The worker process: serve jobs until the pipe closes."""
+    """The worker process: say it is ready (imports done), then serve jobs until the pipe closes."""
+    import scoring.overlay  # noqa: F401  (imported before "ready", so the first job is not slow)
+
+    try:
+        connection.send_bytes(json.dumps({"type": "ready"}).encode())
+    except (EOFError, OSError):
+        return
     while True:
         try:
             header = json.loads(connection.recv_bytes())
             buffer = connection.recv_bytes()
-            image = np.frombuffer(buffer, dtype=np.uint8).reshape(header["shape"])
         except (EOFError, OSError):
             return
+        try:
+            image = np.frombuffer(buffer, dtype=np.uint8).reshape(header["shape"])
+        except (ValueError, KeyError, TypeError) as error:
+            reply = {"job_id": header.get("job_id"), "type": "result", "result": None, "calibration": None}
+            reply.update(error=f"malformed job: {error}", score_ms=0.0)
+            try:
+                connection.send_bytes(json.dumps(reply).encode())
+            except (EOFError, OSError):
+                return
+            continue
         try:
             _serve_job(connection, header, image)
         except (EOFError, OSError):
@@ -194,6 +215,9 @@ class ScoringWorker:
         self._result_sent = False  # the in-flight job's result has been delivered; its overlay is pending
         self._sent_ms = 0.0
         self._send_failure: str | None = None
+        self._ready = False  # the process has imported everything and said so
+        self._rejected: list[Outcome] = []
+        self._restart_times: deque[float] = deque(maxlen=5)
         self.restarts = 0
         self._state = WorkerState.STOPPED
 
@@ -218,7 +242,8 @@ class ScoringWorker:
         process.start()
         child.close()
         self._process, self._connection = process, parent
-        self._state = WorkerState.IDLE
+        self._ready = False
+        self._state = WorkerState.RESTARTING if self.restarts else WorkerState.IDLE
 
     def stop(self) -> None:
         """Stop the worker process (its current job is abandoned)."""
@@ -233,12 +258,19 @@ class ScoringWorker:
         self._state = WorkerState.STOPPED
 
     def submit(self, job: ScoreJob) -> None:
-        """Queue a job; it is sent when the worker is free."""
+        """Queue a job; it is sent when the worker is free. A job that is not an (M, N, 3) uint8 image fails at
+        once (reported by the next ``poll``): it could only crash the worker."""
+        image = job.image
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            found = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            self._rejected.append(JobResult(job, None, None, f"not an (M, N, 3) uint8 BGR image: {found}", 0.0))
+            return
         self._queue.append(job)
         self._send_next()
 
     def _send_next(self) -> None:
-        if self._in_flight is not None or not self._queue or self._connection is None:
+        # not before the process said it is ready: a 6 MB image would fill the pipe and block the caller
+        if self._in_flight is not None or not self._queue or self._connection is None or not self._ready:
             return
         job = self._queue.popleft()
         self._in_flight = job
@@ -255,7 +287,10 @@ class ScoringWorker:
 
     def poll(self) -> list[Outcome]:
         """Collect what the worker finished, without blocking; detect a dead or overrunning worker."""
-        outcomes: list[Outcome] = []
+        outcomes: list[Outcome] = self._rejected
+        self._rejected = []
+        if not self._ready:
+            self._await_ready()
         while (job := self._in_flight) is not None and self._connection is not None:
             if self._send_failure is not None:
                 outcomes.append(self._failed(job, self._send_failure))
@@ -269,7 +304,10 @@ class ScoringWorker:
                 reply = json.loads(self._connection.recv_bytes())
                 if reply.get("type") == "overlay":
                     layers = tuple((name, self._connection.recv_bytes()) for name in reply["layers"])
-                    outcomes.append(JobOverlay(job, layers, int(reply["width"]), int(reply["height"])))
+                    if reply.get("error"):
+                        log.warning("overlay_failed", fov=job.fov_id, error=reply["error"])
+                    else:
+                        outcomes.append(JobOverlay(job, layers, int(reply["width"]), int(reply["height"])))
                     self._finish()
                     continue
                 outcomes.append(_result(job, reply))
@@ -281,6 +319,20 @@ class ScoringWorker:
                 break
         self._send_next()
         return outcomes
+
+    def _await_ready(self) -> None:
+        if self._connection is None:
+            return
+        try:
+            if self._connection.poll(0):
+                message = json.loads(self._connection.recv_bytes())
+                if message.get("type") == "ready":
+                    self._ready = True
+                    self._state = WorkerState.BUSY if self._in_flight else WorkerState.IDLE
+            elif self._process is not None and not self._process.is_alive():
+                self._restart(f"worker exited while starting (exit code {self._process.exitcode})")
+        except (EOFError, OSError, ValueError) as error:
+            self._restart(f"worker failed while starting: {error}")
 
     def _check_alive(self, job: ScoreJob, outcomes: list[Outcome]) -> None:
         if self._process is not None and not self._process.is_alive():
@@ -303,6 +355,10 @@ class ScoringWorker:
 
     def _restart(self, reason: str) -> None:
         log.warning("scoring_worker_restart", reason=reason, restarts=self.restarts + 1)
+        now = time.monotonic()
+        if len(self._restart_times) == self._restart_times.maxlen and now - self._restart_times[0] < 10.0:
+            time.sleep(1.0)  # crash-looping: don't spin the CPU respawning
+        self._restart_times.append(now)
         self._state = WorkerState.RESTARTING
         self._finish()
         if self._process is not None and self._process.is_alive():

@@ -108,7 +108,9 @@ def test_the_image_is_stored_losslessly(store: CaseStore) -> None:
     record = store.add_capture("fov", image, "pedal", 0.25)
     assert record.image_file == "fov-001.png"
     assert (record.fov_id, record.index, record.kind, record.status) == ("fov-001", 1, "fov", "pending")
-    np.testing.assert_array_equal(store.image(record.fov_id), image)
+    np.testing.assert_array_equal(store.image(record.fov_id), image)  # from memory while being written
+    assert store.flush_images(timeout_s=10) and store.unsaved_images == 0
+    np.testing.assert_array_equal(store.image(record.fov_id), image)  # from the file
     on_disk = cv2.imread(str(store.case_dir / "fov-001.png"), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(on_disk, image)
 
@@ -181,7 +183,17 @@ def test_close_removes_current_and_nothing_resumes(store: CaseStore, tmp_path: P
     assert not (tmp_path / "current").exists()
     assert _on_disk(tmp_path, "case-1") == closed  # the case stays on disk, closed
     assert CaseStore(tmp_path).resume() is None
-    assert store.summary() == {"case_id": None, "open": False, "fovs": [], "control": None, "case": None}
+    assert store.summary() == {
+        "case_id": None,
+        "open": False,
+        "operator": None,
+        "started_at": None,
+        "fovs": [],
+        "control": None,
+        "case": None,
+    }
+    closed_summary = store.summary(closed)  # what close-case replies: the closed case, with its final score
+    assert closed_summary["case_id"] == "case-1" and closed_summary["open"] is False
 
 
 def test_a_pointer_to_a_closed_case_resumes_nothing(store: CaseStore, tmp_path: Path) -> None:
@@ -338,21 +350,22 @@ class _FullDisk:
         return self._handle.fileno()
 
 
-@pytest.mark.parametrize("failing", ["png", "json"])
-def test_a_full_disk_fails_the_capture_and_keeps_the_case(
-    store: CaseStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
-) -> None:
-    store.add_capture("fov", _image(1), "pedal", 0.25)
-    before = store.case
-    files_before = _files(tmp_path)
-
+def _full_disk_for(monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
     def full_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 - wrapped
-        name = Path(path).name
-        fails = name.endswith(".png.tmp") if failing == "png" else name == ".case.json.tmp"
-        return _FullDisk(handle) if fails else handle
+        return _FullDisk(handle) if Path(path).name.endswith(suffix) else handle
 
     monkeypatch.setattr(case_store, "open", full_open, raising=False)
+
+
+def test_a_full_disk_fails_the_capture_when_the_case_cannot_be_written(
+    store: CaseStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.add_capture("fov", _image(1), "pedal", 0.25)
+    assert store.flush_images(timeout_s=10)
+    before = store.case
+    files_before = _files(tmp_path)
+    _full_disk_for(monkeypatch, ".case.json.tmp")
     with pytest.raises(OSError) as info:
         store.add_capture("fov", _image(2), "pedal", 0.25)
     assert info.value.errno == errno.ENOSPC
@@ -360,13 +373,32 @@ def test_a_full_disk_fails_the_capture_and_keeps_the_case(
 
     assert _on_disk(tmp_path, "case-1") == before  # still loads, with the previous content
     assert store.case == before
-    leftovers = _files(tmp_path) - files_before
-    # a half-written temporary file would hold on to the space that ran out
-    assert leftovers == ({"cases/case-1/fov-002.png"} if failing == "json" else set())
+    # nothing half-written stays behind (it would hold on to the space that ran out), no image was queued
+    assert store.flush_images(timeout_s=10)
+    assert _files(tmp_path) - files_before == set()
     # the next capture, with space again, takes the id the failed one did not use
     record = store.add_capture("fov", _image(3), "pedal", 0.25)
     assert record.fov_id == "fov-002"
     np.testing.assert_array_equal(store.image("fov-002"), _image(3))
+
+
+def test_an_image_that_cannot_be_written_is_kept_and_retried(
+    store: CaseStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _full_disk_for(monkeypatch, ".png.tmp")
+    record = store.add_capture("fov", _image(4), "pedal", 0.25)  # the case itself is written
+    assert not store.flush_images(timeout_s=10)
+    assert store.unsaved_images == 1
+    np.testing.assert_array_equal(store.image(record.fov_id), _image(4))  # nothing is lost: still in memory
+    assert not (store.case_dir / "fov-001.png").exists()
+    assert not any(name.endswith(".tmp") for name in _files(tmp_path))  # no torn file holds the space
+    monkeypatch.undo()  # space again
+
+    monkeypatch.setattr(store, "RETRY_S", 0.0)
+    store.poll_images()  # retries the failed write
+    assert store.flush_images(timeout_s=10) and store.unsaved_images == 0
+    on_disk = cv2.imread(str(store.case_dir / "fov-001.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(on_disk, _image(4))
 
 
 def test_the_case_folder_is_owner_only(store: CaseStore) -> None:

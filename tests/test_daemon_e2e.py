@@ -237,6 +237,8 @@ def test_capture_over_the_control_endpoint_and_control_calibration(daemon: Daemo
         (b'{"command": "replay", "args": {"since_seq": -1}}', "since_seq"),
         (b'{"command": "stage", "args": {"action": "fly"}}', "unknown stage action"),
         (b"\xff\xfe\x00", "not JSON"),
+        (b'{"command": "rescore", "args": {"fov": "fov-001"}}', "unknown argument(s) fov for rescore"),
+        (b'{"command": "capture", "args": {"kind": "control"}}', "unknown argument"),
     ],
 )
 def test_malformed_requests_get_error_replies_and_change_nothing(daemon: Daemon, frame: bytes, message: str) -> None:
@@ -296,7 +298,8 @@ def test_exclude_and_rescore_update_the_case(daemon: Daemon) -> None:
 
 
 def test_sigterm_stops_cleanly_and_a_restart_resumes_the_case(daemon: Daemon, tmp_path: Path) -> None:
-    case = daemon.control.call("snapshot")["case"]
+    snapshot = daemon.control.call("snapshot")
+    case, session = snapshot["case"], snapshot["session"]
     assert daemon.stop() == 0
     events = [e.get("event") for e in daemon.logs()]
     assert "daemon_stopped" in events
@@ -304,7 +307,9 @@ def test_sigterm_stops_cleanly_and_a_restart_resumes_the_case(daemon: Daemon, tm
     config = daemon.state.parent / "config.toml"
     restarted = Daemon(daemon.state, config, tmp_path / "restart.log")
     try:
-        resumed = restarted.control.call("snapshot")["case"]
+        snapshot = restarted.control.call("snapshot")
+        assert snapshot["session"] != session  # subscribers can tell the restart
+        resumed = snapshot["case"]
         assert resumed["case_id"] == case["case_id"]
         assert [f["fov_id"] for f in resumed["fovs"]][: len(case["fovs"])] == [f["fov_id"] for f in case["fovs"]]
         assert resumed["control"] is not None
