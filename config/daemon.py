@@ -6,9 +6,9 @@ Times are in ms, sizes in µm; endpoints bind to loopback unless the file says o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 Ms = Annotated[float, Field(gt=0.0, le=3_600_000.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -85,8 +85,22 @@ class SimulatedCameraConfig(_Frozen):
     seed: int = 0
 
 
+def _camera_kind(value: Any) -> str:
+    # A [daemon.camera] table without "kind" is the simulated microscope, the default camera.
+    kind = value.get("kind", "simulated") if isinstance(value, dict) else getattr(value, "kind", "simulated")
+    return str(kind)
+
+
 CameraConfig = Annotated[
-    UsbCameraConfig | GigeCameraConfig | ReplayCameraConfig | SimulatedCameraConfig, Field(discriminator="kind")
+    Annotated[UsbCameraConfig, Tag("usb")]
+    | Annotated[GigeCameraConfig, Tag("gige")]
+    | Annotated[ReplayCameraConfig, Tag("replay")]
+    | Annotated[SimulatedCameraConfig, Tag("simulated")],
+    Discriminator(
+        _camera_kind,
+        custom_error_type="camera_kind",
+        custom_error_message="camera kind must be one of 'usb', 'gige', 'replay', 'simulated'",
+    ),
 ]
 
 

@@ -219,3 +219,34 @@ def test_weak_threshold_below_default_intense(weak: float, ok: bool) -> None:
 def test_min_cell_diameter_below_max() -> None:
     with pytest.raises(ValidationError, match=r"min_cell_diameter_um \(30\.0\) must be below"):
         ScoringParams(min_cell_diameter_um=30.0, max_cell_diameter_um=30.0)
+
+
+# --- the daemon's sections -------------------------------------------------------------------------------------
+
+
+def test_daemon_camera_kind_selects_its_section(tmp_path: Path) -> None:
+    path = write(tmp_path, '[daemon.camera]\nkind = "usb"\ndevice = "/dev/v4l/by-id/usb-cam-video-index0"\n')
+    camera = load_config(path).daemon.camera
+    assert camera.kind == "usb" and camera.device == "/dev/v4l/by-id/usb-cam-video-index0"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[daemon.camera]\nkind = "webcam"\n', "daemon.camera"),
+        ('[daemon.zmq]\npublish = "tcp://0.0.0.0:5560"\n', "not loopback"),
+        ('[daemon.zmq]\ncontrol = "udp://127.0.0.1:5561"\n', "must start with tcp://"),
+        ("[daemon.capture]\nsettle_ms = -5\n", "daemon.capture.settle_ms = -5"),
+        ('[daemon.camera]\nkind = "simulated"\nfps = "fast"\n', "daemon.camera.simulated.fps = 'fast'"),
+        ("[daemon.camera.faults]\ndrop_probability = 1.5\n", "drop_probability = 1.5"),
+    ],
+)
+def test_bad_daemon_settings_are_named(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert expected in str(info.value)
+
+
+def test_remote_endpoints_need_an_explicit_opt_in(tmp_path: Path) -> None:
+    text = '[daemon.zmq]\npublish = "tcp://0.0.0.0:5560"\nallow_remote = true\n'
+    assert load_config(write(tmp_path, text)).daemon.zmq.publish == "tcp://0.0.0.0:5560"
