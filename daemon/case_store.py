@@ -319,6 +319,19 @@ class CaseStore:
             raise CaseError(f"the image of {fov_id} ({path}) cannot be read")
         return np.asarray(image, dtype=np.uint8)
 
+    def image_png(self, fov_id: str) -> bytes:
+        """The captured image of ``fov_id`` as lossless PNG bytes (the file's, or encoded while it is unsaved)."""
+        record = self.record(fov_id)
+        if fov_id in self._unsaved:
+            ok, png = cv2.imencode(".png", self._unsaved[fov_id][1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            if not ok:
+                raise CaseError(f"the image of {fov_id} cannot be encoded")
+            return png.tobytes()
+        try:
+            return (self.case_dir / record.image_file).read_bytes()
+        except OSError as error:
+            raise CaseError(f"the image of {fov_id} cannot be read: {error}") from None
+
     def set_result(
         self,
         fov_id: str,

@@ -224,6 +224,7 @@ class Command(StrEnum):
     REPLAY = "replay"
     AUTO_CAPTURE = "auto-capture"
     STAGE = "stage"
+    IMAGE = "image"
 
 
 class Request(_Model):

@@ -598,6 +598,16 @@ class Daemon:
                 return {"auto_capture": enabled}, []
             case Command.STAGE:
                 return self._stage(args), []
+            case Command.IMAGE:
+                fov_id = _required_str(args, "fov_id")
+                record = self.store.record(fov_id)
+                png = self.store.image_png(fov_id)
+                return {
+                    "fov_id": fov_id,
+                    "kind": record.kind,
+                    "encoding": "png",
+                    "pixel_size_um": record.pixel_size_um,
+                }, [png]
         raise RequestError(f"command {request.command.value!r} is not handled")  # pragma: no cover
 
     def _republish(self, record: FovRecord) -> None:
@@ -713,6 +723,7 @@ ALLOWED_ARGS: dict[Command, frozenset[str]] = {
     Command.REPLAY: frozenset({"since_seq"}),
     Command.AUTO_CAPTURE: frozenset({"enabled"}),
     Command.STAGE: frozenset({"action", "field", "duration_ms"}),
+    Command.IMAGE: frozenset({"fov_id"}),
 }
 
 

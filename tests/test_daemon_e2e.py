@@ -297,6 +297,21 @@ def test_exclude_and_rescore_update_the_case(daemon: Daemon) -> None:
     assert rescored.body.result["counts"] == fov["counts"]  # type: ignore[attr-defined]
 
 
+def test_the_lossless_image_of_a_fov_can_be_fetched(daemon: Daemon) -> None:
+    import cv2
+    import numpy as np
+
+    case = daemon.control.call("snapshot")["case"]
+    fov = case["fovs"][0]
+    frame = json.dumps({"command": "image", "args": {"fov_id": fov["fov_id"]}}).encode()
+    reply, frames = daemon.control.request_raw(frame)
+    assert reply.ok and reply.payload_count == 1 and reply.data["encoding"] == "png"
+    image = cv2.imdecode(np.frombuffer(frames[0], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (540, 960, 3) and image.dtype == np.uint8
+    on_disk = cv2.imread(str(daemon.state / "cases" / case["case_id"] / f"{fov['fov_id']}.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(image, on_disk)
+
+
 def test_sigterm_stops_cleanly_and_a_restart_resumes_the_case(daemon: Daemon, tmp_path: Path) -> None:
     snapshot = daemon.control.call("snapshot")
     case, session = snapshot["case"], snapshot["session"]
