@@ -391,6 +391,8 @@ class CaseStore:
                 "open": False,
                 "operator": None,
                 "started_at": None,
+                "closed_at": None,
+                "adjustments": [],
                 "fovs": [],
                 "control": None,
                 "case": None,
@@ -421,6 +423,8 @@ class CaseStore:
             "control": (
                 {"fov_id": case.control_fov_id, **case.control.model_dump(mode="json")} if case.control else None
             ),
+            "closed_at": case.closed_at,
+            "adjustments": [a.model_dump(mode="json") for a in case.adjustments],
             "case": {
                 "score": case_result.call.score.value if case_result.call.score else None,
                 "status": case_result.call.status.value,

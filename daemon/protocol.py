@@ -30,6 +30,7 @@ class Topic(StrEnum):
     RESULT = "result"
     OVERLAY = "overlay"
     STATUS = "status"
+    CASE = "case"
 
 
 class _Model(BaseModel):
@@ -128,12 +129,24 @@ class StatusBody(_Model):
     uptime_s: float
 
 
+class CaseBody(_Model):
+    """A case was started, resumed (after a daemon restart) or closed: the whole case, for recorders."""
+
+    event: Literal["started", "resumed", "closed"]
+    case: dict[str, Any] = Field(description="The case summary (see CaseSummary); for 'closed', the final one")
+    params: dict[str, Any] = Field(description="The case's scoring parameters (ScoringParams as JSON)")
+    rule: dict[str, Any] = Field(description="The case's ASCO/CAP rule settings (CaseRule as JSON)")
+    pixel_size_um: float
+    software: dict[str, str] = Field(description="name and version of the daemon")
+
+
 BODY_MODELS: dict[Topic, type[_Model]] = {
     Topic.PREVIEW: PreviewBody,
     Topic.CAPTURE: CaptureBody,
     Topic.RESULT: ResultBody,
     Topic.OVERLAY: OverlayBody,
     Topic.STATUS: StatusBody,
+    Topic.CASE: CaseBody,
 }
 
 

@@ -30,11 +30,12 @@ import zmq
 
 from config.app import AppConfig
 from daemon import systemd
-from daemon.case_store import CaseError, CaseStore, FovRecord
+from daemon.case_store import CaseError, CaseState, CaseStore, FovRecord
 from daemon.frames import Frame, FrameSource
 from daemon.grabber import CameraState, CameraStatus, FrameGrabber
 from daemon.protocol import (
     CaptureBody,
+    CaseBody,
     Command,
     OverlayBody,
     Payload,
@@ -167,6 +168,7 @@ class Daemon:
             **self.endpoints,
         )
         if resumed is not None:
+            self._publish_case("resumed", resumed)
             # FOVs captured but not scored when the daemon stopped are scored now
             for record in resumed.fovs:
                 if record.status == "pending":
@@ -330,7 +332,21 @@ class Daemon:
         if self.store.case is None:
             case = self.store.start(self.config.scoring, self.config.case_rule)
             log.info("case_started", case_id=case.case_id, reason="first capture")
+            self._publish_case("started", case)
             self._publish_status()
+
+    def _publish_case(self, event: Literal["started", "resumed", "closed"], case: CaseState) -> None:
+        from importlib.metadata import version
+
+        body = CaseBody(
+            event=event,
+            case=self.store.summary(case),
+            params=case.params.model_dump(mode="json"),
+            rule=case.rule.model_dump(mode="json"),
+            pixel_size_um=self.pixel_size_um,
+            software={"name": "her2scope", "version": version("her2scope")},
+        )
+        self.publisher.publish(Topic.CASE, body, case_id=case.case_id)
 
     def _capture(self, trigger: _Trigger) -> FovRecord:
         frame = self._last_frame
@@ -525,6 +541,8 @@ class Daemon:
                 record = self._capture(_Trigger(kind, "control", _now_ms()))
                 return {"fov_id": record.fov_id, "kind": kind}, []
             case Command.START_CASE:
+                if self.store.case is not None:  # starting a case closes the open one, for all to see
+                    self._publish_case("closed", self.store.close())
                 case = self.store.start(
                     self.config.scoring,
                     self.config.case_rule,
@@ -532,11 +550,13 @@ class Daemon:
                     operator=_optional_str(args, "operator"),
                 )
                 log.info("case_started", case_id=case.case_id, operator=case.operator)
+                self._publish_case("started", case)
                 self._publish_status()
                 return {"case_id": case.case_id}, []
             case Command.CLOSE_CASE:
                 closed = self.store.close()
                 summary = self.store.summary(closed)
+                self._publish_case("closed", closed)
                 log.info("case_closed", case_id=closed.case_id, score=(summary.get("case") or {}).get("score"))
                 self._publish_status()
                 return {"case_id": closed.case_id, "summary": summary}, []

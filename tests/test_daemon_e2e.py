@@ -328,5 +328,10 @@ def test_sigterm_stops_cleanly_and_a_restart_resumes_the_case(daemon: Daemon, tm
         assert resumed["case_id"] == case["case_id"]
         assert [f["fov_id"] for f in resumed["fovs"]][: len(case["fovs"])] == [f["fov_id"] for f in case["fovs"]]
         assert resumed["control"] is not None
+        messages, _ = restarted.control.replay(0)  # what a recorder that was not listening at start-up fetches
+        announced = [m for m in messages if m.header.topic == Topic.CASE]
+        assert announced and announced[0].body.event == "resumed"  # type: ignore[attr-defined]
+        assert announced[0].body.case["case_id"] == case["case_id"]  # type: ignore[attr-defined]
+        assert announced[0].body.params["weak_threshold_od"] > 0  # type: ignore[attr-defined]
     finally:
         assert restarted.stop() == 0

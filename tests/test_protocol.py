@@ -11,6 +11,7 @@ import pytest
 from daemon.protocol import (
     PROTOCOL_VERSION,
     CaptureBody,
+    CaseBody,
     Command,
     Header,
     OverlayBody,
@@ -53,6 +54,14 @@ BODIES: dict[Topic, _Model] = {
         queue=0,
         uptime_s=3.5,
     ),
+    Topic.CASE: CaseBody(
+        event="closed",
+        case={"case_id": "c1", "open": False},
+        params={"weak_threshold_od": 0.1},
+        rule={"cutoff_percent": 10.0},
+        pixel_size_um=0.25,
+        software={"name": "her2scope", "version": "0.1.0"},
+    ),
 }
 
 PAYLOADS: dict[Topic, list[tuple[Payload, bytes]]] = {
@@ -64,6 +73,7 @@ PAYLOADS: dict[Topic, list[tuple[Payload, bytes]]] = {
         (Payload(name="panel", encoding="png"), b"\x89PNG panel"),
     ],
     Topic.STATUS: [],
+    Topic.CASE: [],
 }
 
 
