@@ -17,6 +17,15 @@ app = typer.Typer(
 )
 
 
+def _register_subcommands() -> None:
+    from clients.ctl import ctl_app
+
+    app.add_typer(ctl_app, name="ctl")
+
+
+_register_subcommands()
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version

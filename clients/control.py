@@ -117,4 +117,33 @@ def read_endpoints(state_directory: Path) -> dict[str, str]:
         raise ControlError(f"no running daemon found ({path}: {error})") from None
 
 
-__all__ = ["ControlClient", "ControlError", "ProtocolError", "Subscriber", "read_endpoints"]
+def daemon_endpoints(config_path: Path | None = None, state_directory: Path | None = None) -> dict[str, str]:
+    """Where the daemon listens: its ``endpoints.json`` (written at start, needed for ``*`` ports) when a live
+    daemon wrote one in ``state_directory`` (default: the config's), else the config's endpoints.
+
+    Raises
+    ------
+    ControlError
+        The configured endpoints use ``*`` and no running daemon wrote its endpoints.
+    """
+    from config.app import load_config
+
+    config = load_config(config_path)
+    state = (state_directory or config.daemon.state.directory).expanduser()
+    path = state / "endpoints.json"
+    if path.is_file():
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            pid = int(document.get("pid", 0))
+            alive = pid > 0 and Path(f"/proc/{pid}").exists()
+        except (OSError, ValueError, TypeError):
+            alive = False
+        if alive:
+            return {"publish": str(document["publish"]), "control": str(document["control"])}
+    endpoints = {"publish": config.daemon.zmq.publish, "control": config.daemon.zmq.control}
+    if any("*" in e for e in endpoints.values()):
+        raise ControlError(f"the daemon's ports are chosen at start ('*') and no running daemon wrote {path}")
+    return endpoints
+
+
+__all__ = ["ControlClient", "ControlError", "ProtocolError", "Subscriber", "daemon_endpoints", "read_endpoints"]

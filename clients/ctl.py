@@ -1,0 +1,165 @@
+"""``her2scope ctl``: talk to a running daemon from the shell.
+
+Exit codes, for scripts: 0 done; 1 the daemon refused (its error is printed); 2 bad usage or configuration;
+3 no daemon answered.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+ctl_app = typer.Typer(
+    name="ctl", help="Control a running daemon: capture, control, case start/close, status.", no_args_is_help=True
+)
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="The daemon's TOML configuration file.")]
+StateOption = Annotated[
+    Path | None, typer.Option("--daemon-state", help="The daemon's state folder (for its endpoints.json).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the daemon's reply as JSON.")]
+TimeoutOption = Annotated[float, typer.Option("--timeout-ms", help="How long to wait for the daemon.")]
+
+
+def _call(
+    command: str, config: Path | None, state: Path | None, timeout_ms: float, as_json: bool, **args: Any
+) -> dict[str, Any]:
+    from clients.control import ControlClient, ControlError, daemon_endpoints
+    from config.app import ConfigError
+
+    try:
+        endpoints = daemon_endpoints(config, state)
+    except ConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except ControlError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    with ControlClient(endpoints["control"], timeout_ms=timeout_ms) as client:
+        try:
+            reply, _ = client.request_raw(json.dumps({"v": 1, "id": "ctl", "command": command, "args": args}).encode())
+        except ControlError as error:
+            typer.echo(f"error: {error} ({endpoints['control']}); is the daemon running?", err=True)
+            raise typer.Exit(EXIT_UNREACHABLE) from None
+    if not reply.ok:
+        typer.echo(f"error: the daemon refused {command}: {reply.error}", err=True)
+        raise typer.Exit(EXIT_REFUSED)
+    if as_json:
+        json.dump(reply.data, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    return reply.data
+
+
+@ctl_app.command()
+def capture(
+    config: ConfigOption = None,
+    daemon_state: StateOption = None,
+    timeout_ms: TimeoutOption = 5000.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Capture the field under the microscope as a tumour FOV."""
+    data = _call("capture", config, daemon_state, timeout_ms, as_json)
+    if not as_json:
+        typer.echo(f"captured {data['fov_id']}; its result follows on the daemon's result topic")
+
+
+@ctl_app.command()
+def control(
+    config: ConfigOption = None,
+    daemon_state: StateOption = None,
+    timeout_ms: TimeoutOption = 5000.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Capture the field under the microscope as the positive control (it calibrates the intense threshold)."""
+    data = _call("capture-control", config, daemon_state, timeout_ms, as_json)
+    if not as_json:
+        typer.echo(f"captured the positive control as {data['fov_id']}")
+
+
+case_app = typer.Typer(name="case", help="Start or close a case.", no_args_is_help=True)
+ctl_app.add_typer(case_app)
+
+
+@case_app.command("start")
+def case_start(
+    case_id: Annotated[str | None, typer.Option("--case-id", help="Case id (default: case-DATE-TIME).")] = None,
+    operator: Annotated[str | None, typer.Option("--operator", help="Who is scoring.")] = None,
+    config: ConfigOption = None,
+    daemon_state: StateOption = None,
+    timeout_ms: TimeoutOption = 5000.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a case (closing the open one)."""
+    args = {k: v for k, v in (("case_id", case_id), ("operator", operator)) if v is not None}
+    data = _call("start-case", config, daemon_state, timeout_ms, as_json, **args)
+    if not as_json:
+        typer.echo(f"started case {data['case_id']}")
+
+
+@case_app.command("close")
+def case_close(
+    config: ConfigOption = None,
+    daemon_state: StateOption = None,
+    timeout_ms: TimeoutOption = 30000.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Close the open case and print its final score."""
+    data = _call("close-case", config, daemon_state, timeout_ms, as_json)
+    if not as_json:
+        typer.echo(f"closed case {data['case_id']}")
+        typer.echo(format_case(data["summary"]))
+
+
+@ctl_app.command()
+def status(
+    config: ConfigOption = None,
+    daemon_state: StateOption = None,
+    timeout_ms: TimeoutOption = 5000.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the daemon's status and the open case's score."""
+    if as_json:
+        _call("snapshot", config, daemon_state, timeout_ms, True)
+        return
+    data = _call("snapshot", config, daemon_state, timeout_ms, False)
+    state = data["status"]
+    camera = state["camera"]
+    typer.echo(
+        f"daemon {state['daemon']}, camera {camera['state']} ({camera['source']}, {camera['fps']:.1f} fps), "
+        f"stability {state['stability']}, auto-capture {'on' if state['auto_capture'] else 'off'}, "
+        f"worker {state['worker']} (queue {state['queue']})"
+    )
+    if camera.get("last_error"):
+        typer.echo(f"camera: {camera['last_error']}")
+    typer.echo(format_case(data["case"]))
+
+
+def format_case(summary: dict[str, Any]) -> str:
+    """A few readable lines about a case summary (see docs/protocol.md, the case summary)."""
+    if not summary.get("case_id"):
+        return "no case is open"
+    lines = [f"case {summary['case_id']}" + (" (closed)" if not summary.get("open", True) else "")]
+    for fov in summary.get("fovs", []):
+        marks = " excluded" if fov.get("excluded") else ""
+        lines.append(
+            f"  {fov['fov_id']:<12} {fov['status']:<8} cells {fov.get('total', 0):>5}  score {fov.get('score') or '-'}"
+            + marks
+        )
+    case = summary.get("case") or {}
+    score = case.get("score") or "not assessable"
+    extra = [case["zero_subtype"]] if case.get("zero_subtype") else []
+    if case.get("her2_low"):
+        extra.append("HER2-low")
+    lines.append(f"CASE HER2 IHC {score}: {case.get('status', '?')}" + (f" ({', '.join(extra)})" if extra else ""))
+    if case.get("reason"):
+        lines.append(f"  {case['reason']}")
+    lines.extend(f"  warning: {w}" for w in case.get("warnings", []))
+    return "\n".join(lines)

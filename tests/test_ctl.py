@@ -1,0 +1,90 @@
+"""``her2scope ctl`` against a real daemon process: output and exit codes that scripts can use."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_daemon_e2e import CONFIG, Daemon, wait_for
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    root = tmp_path_factory.mktemp("ctl")
+    state = root / "state"
+    config = root / "config.toml"
+    config.write_text(CONFIG.format(state=state))
+    running = Daemon(state, config, root / "daemon.log")
+    running.control.call("auto-capture", enabled=False)  # captures come from the shell only
+    wait_for(lambda: running.control.call("status")["camera"]["state"] == "live", what="a live camera")
+    if running.control.call("status")["case_id"] is not None:
+        running.control.call("close-case")  # an auto capture before auto-capture was switched off
+    yield running
+    if running.process.poll() is None:
+        running.stop()
+
+
+def ctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    config = daemon.state.parent / "config.toml"
+    return subprocess.run(
+        [sys.executable, "-m", "clients.cli", "ctl", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def test_status_reports_the_camera_and_the_case(daemon: Daemon) -> None:
+    done = ctl(daemon, "status")
+    assert done.returncode == 0, done.stderr
+    assert "daemon running, camera live (simulated" in done.stdout
+
+
+def test_a_case_is_started_captured_and_closed_from_the_shell(daemon: Daemon) -> None:
+    started = ctl(daemon, "case", "start", "--case-id", "shell-case", "--operator", "dr-a")
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == "started case shell-case"
+    captured = ctl(daemon, "capture")
+    assert captured.returncode == 0 and captured.stdout.startswith("captured fov-001")
+    control = ctl(daemon, "control", "--json")
+    assert control.returncode == 0 and '"kind": "control"' in control.stdout
+    closed = ctl(daemon, "case", "close")
+    assert closed.returncode == 0, closed.stderr
+    assert "closed case shell-case" in closed.stdout and "fov-001" in closed.stdout and "CASE HER2 IHC" in closed.stdout
+
+
+def test_a_refused_command_exits_1_with_the_daemons_reason(daemon: Daemon) -> None:
+    done = ctl(daemon, "case", "close")  # no case is open any more
+    assert done.returncode == 1
+    assert "refused close-case: no case is open" in done.stderr
+
+
+def test_a_duplicate_case_id_is_refused(daemon: Daemon) -> None:
+    assert ctl(daemon, "case", "start", "--case-id", "twice").returncode == 0
+    done = ctl(daemon, "case", "start", "--case-id", "twice")
+    assert done.returncode == 1 and "already exists" in done.stderr
+
+
+def test_no_daemon_exits_3_and_bad_config_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[daemon.zmq]\ncontrol = "tcp://127.0.0.1:9"\n[daemon.state]\ndirectory = "%s"\n' % tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "ctl", "status", "--config", str(config), "--timeout-ms", "300"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3 and "is the daemon running?" in done.stderr
+    config.write_text("[daemon.zmq]\nheartbeat_ms = -1\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "ctl", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "daemon.zmq.heartbeat_ms = -1" in done.stderr
