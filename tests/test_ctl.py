@@ -72,7 +72,7 @@ def test_a_duplicate_case_id_is_refused(daemon: Daemon) -> None:
 
 def test_no_daemon_exits_3_and_bad_config_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
-    config.write_text('[daemon.zmq]\ncontrol = "tcp://127.0.0.1:9"\n[daemon.state]\ndirectory = "%s"\n' % tmp_path)
+    config.write_text(f'[daemon.zmq]\ncontrol = "tcp://127.0.0.1:9"\n[daemon.state]\ndirectory = "{tmp_path}"\n')
     done = subprocess.run(
         [sys.executable, "-m", "clients.cli", "ctl", "status", "--config", str(config), "--timeout-ms", "300"],
         capture_output=True,
