@@ -136,6 +136,142 @@ def daemon(
         raise
 
 
+@app.command()
+def record(
+    config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder of the case folders.")] = Path("~/her2scope-cases"),
+    daemon_state: Annotated[
+        Path | None,
+        typer.Option("--daemon-state", help="The daemon's state folder (endpoints.json) [default: the config's]."),
+    ] = None,
+    json_logs: Annotated[
+        bool | None, typer.Option("--json-logs/--pretty-logs", help="Log format [default: JSON unless a terminal].")
+    ] = None,
+) -> None:
+    """Record every case of the daemon: event log, lossless images, overlays and an HTML report per case."""
+    import signal
+
+    from clients.recorder import Recorder, resolve_endpoints
+    from config.app import ConfigError, load_config
+    from daemon.logs import configure_logging
+
+    configure_logging(json_logs)
+    try:
+        app_config = load_config(config)
+    except ConfigError as error:
+        raise _fail(str(error)) from None
+    zmq_config = app_config.daemon.zmq
+    state = (daemon_state or app_config.daemon.state.directory).expanduser()
+    configured = {"publish": zmq_config.publish, "control": zmq_config.control}
+    try:
+        recorder = Recorder(
+            out,
+            lambda: resolve_endpoints(state, configured),
+            fallback_params=app_config.scoring,
+            fallback_rule=app_config.case_rule,
+            pixel_size_um=app_config.optics.pixel_size_um,
+            daemon_state=state,
+            heartbeat_ms=zmq_config.heartbeat_ms,
+        )
+    except OSError as error:
+        raise _fail(f"{error.filename or out}: {error.strerror or error}") from None
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: stopping.append(signum))
+    recorder.run(lambda: bool(stopping))
+
+
+@app.command()
+def rescore(
+    case_dir: Annotated[Path, typer.Argument(help="A case folder written by `her2scope record`.", show_default=False)],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Score with this file's [scoring]/[case_rule] instead.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Change one parameter, e.g. scoring.weak_threshold_od=0.12 (repeatable)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as one JSON document.")] = False,
+) -> None:
+    """Re-score a recorded case from its log and images; with changed parameters, write a labelled result beside it.
+
+    Exit codes: 0 reproduced / written, 1 the recorded parameters did not reproduce the recorded numbers, 2 bad input.
+    """
+    from clients.rescore import RescoreError, format_comparison, rescore_case
+
+    try:
+        comparison = rescore_case(case_dir, config_path=config, overrides=overrides or [])
+    except RescoreError as error:
+        raise _fail(str(error)) from None
+    if as_json:
+        json.dump(comparison, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        typer.echo(format_comparison(comparison))
+    if not comparison["changed"] and not comparison["reproduced"]:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the demo's cases, logs and report go.")] = Path(
+        "her2scope-demo"
+    ),
+    fields: Annotated[int, typer.Option("--fields", min=1, max=6, help="Tumour fields to capture.")] = 5,
+    window: Annotated[
+        bool | None, typer.Option("--window/--no-window", help="Open the viewer [default: when there is a display].")
+    ] = None,
+    keep_running: Annotated[
+        bool, typer.Option("--keep-running", help="Keep everything running after the case.")
+    ] = False,
+) -> None:
+    """Run the whole system on the simulated microscope: a scripted case, its score and its report."""
+    from clients.demo import DemoError, run_demo
+
+    try:
+        run_demo(out, fields=fields, window=window, keep_running=keep_running)
+    except DemoError as error:
+        raise _fail(str(error)) from None
+
+
+@app.command()
+def view(
+    config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
+    daemon_state: Annotated[
+        Path | None,
+        typer.Option("--daemon-state", help="The daemon's state folder (endpoints.json) [default: the config's]."),
+    ] = None,
+    headless_frames: Annotated[
+        int | None,
+        typer.Option("--headless-frames", min=1, help="Render N frames to PNG files (--out) instead of a window."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder of the --headless-frames PNGs.")] = None,
+    size: Annotated[str, typer.Option("--size", help="Window size, WIDTHxHEIGHT.")] = "1600x900",
+) -> None:
+    """Show the live view, the last FOV with its overlays and the case score in a window (keys in its footer)."""
+    from clients import viewer
+    from clients.control import ControlError
+    from config.app import ConfigError
+
+    try:
+        canvas = viewer.parse_size(size)
+        endpoints, endpoints_dir, heartbeat_s = viewer.resolve_endpoints(config, daemon_state)
+    except (ValueError, ConfigError, ControlError) as error:
+        raise _fail(str(error)) from None
+    if headless_frames is None and not viewer.has_display():
+        raise _fail("no display to open a window on: use --headless-frames N --out DIR, or run it on the desktop")
+    if headless_frames is not None and out is None:
+        raise _fail("--headless-frames needs --out DIR for the PNG frames")
+    state = viewer.initial_state(__import__("time").monotonic(), heartbeat_s)
+    with viewer.DaemonLink(endpoints, endpoints_dir=endpoints_dir) as link:
+        if headless_frames is not None and out is not None:
+            state, written = viewer.run_headless(link, state, headless_frames, out, canvas)
+            typer.echo(viewer.terminal_summary(state))
+            typer.echo(f"{len(written)} frames written to {out}")
+        else:
+            viewer.run_window(link, state, canvas)
+
+
 def run() -> Any:
     """Entry point for ``python -m clients.cli``."""
     return app()

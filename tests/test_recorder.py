@@ -1,0 +1,336 @@
+"""The recorder against a real daemon process on the simulated microscope, itself a real process (killed, too).
+
+One daemon runs for the module. Each test records its own case (case ids are unique per test); the FOVs are
+captured over the control endpoint with auto-capture off, so that the test decides what is captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.control import ControlError
+from tests.test_daemon_e2e import CONFIG, Daemon, arrive, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+ROI = [[20.0, 20.0], [20.0, 700.0], [500.0, 700.0], [500.0, 20.0]]
+
+
+class RecorderProcess:
+    """``her2scope record`` as a subprocess, logging JSON lines to a file."""
+
+    def __init__(self, config: Path, out: Path, state: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
+        self.process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "clients.cli", "record", "--config", str(config), "--out", str(out)),
+                *("--daemon-state", str(state), "--json-logs"),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.log.close()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=15)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.log.close()
+
+    def logs(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+
+class Setup:
+    """The module's daemon, its config file and where recorders write."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / "state"
+        self.config = root / "config.toml"
+        self.config.write_text(CONFIG.format(state=self.state))
+        self.out = root / "cases"
+        self.daemon = Daemon(self.state, self.config, root / "daemon.log")
+        self.daemon.control.call("auto-capture", enabled=False)
+        self._recorders = 0
+
+    def recorder(self) -> RecorderProcess:
+        self._recorders += 1
+        return RecorderProcess(self.config, self.out, self.state, self.root / f"recorder-{self._recorders}.log")
+
+
+def start_daemon_setup(root: Path) -> Setup:
+    return Setup(root)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    running = start_daemon_setup(tmp_path_factory.mktemp("recorder"))
+    yield running
+    if running.daemon.process.poll() is None:
+        running.daemon.stop()
+
+
+def capture(daemon: Daemon, target: str) -> str:
+    """Move the stage to ``target`` ("control" or "field N"), wait until still, capture; return the FOV id."""
+    if target == "control":
+        daemon.control.call("stage", action="goto-control")
+    else:
+        daemon.control.call("stage", action="goto-field", field=int(target.split()[1]))
+    arrive(daemon, target)
+    command = "capture-control" if target == "control" else "capture"
+    return str(daemon.control.call(command)["fov_id"])
+
+
+def settled(daemon: Daemon) -> dict[str, Any]:
+    """Wait until every FOV of the open case is scored (or failed) and the worker is idle; the case summary."""
+
+    def done() -> dict[str, Any] | None:
+        status = daemon.control.call("status")
+        case: dict[str, Any] = daemon.control.call("snapshot")["case"]
+        if status["worker"] == "idle" and status["queue"] == 0 and all(f["status"] != "pending" for f in case["fovs"]):
+            return case
+        return None
+
+    return wait_for(done, what="every FOV scored")  # type: ignore[return-value]
+
+
+def read_docs(case_dir: Path) -> list[dict[str, Any]]:
+    path = case_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
+
+
+def events_of(case_dir: Path) -> list[dict[str, Any]]:
+    return [d for d in read_docs(case_dir) if d["doc"] == "event"]
+
+
+def wait_for_docs(case_dir: Path, predicate: Any, what: str) -> list[dict[str, Any]]:
+    return wait_for(lambda: predicate(read_docs(case_dir)) and read_docs(case_dir), what=what)  # type: ignore[return-value]
+
+
+def has_events(*fov_ids: str) -> Any:
+    return lambda docs: set(fov_ids) <= {d["fov_id"] for d in docs if d["doc"] == "event"}
+
+
+def has_stop(docs: list[dict[str, Any]]) -> bool:
+    return any(d["doc"] == "stop" for d in docs)
+
+
+def daemon_image(daemon: Daemon, fov_id: str) -> bytes:
+    frame = json.dumps({"command": "image", "args": {"fov_id": fov_id}}).encode()
+    reply, frames = daemon.control.request_raw(frame)
+    assert reply.ok, reply.error
+    return frames[0]
+
+
+def test_a_whole_case_is_recorded(setup: Setup) -> None:
+    daemon = setup.daemon
+    recorder = setup.recorder()
+    try:
+        daemon.control.call("start-case", case_id="rec-full", operator="Dr Test")
+        case_dir = setup.out / "rec-full"
+        wait_for_docs(case_dir, lambda docs: any(d["doc"] == "descriptor" for d in docs), "start and descriptor")
+        control = capture(daemon, "control")
+        settled(daemon)
+        fovs = [capture(daemon, "field 0"), capture(daemon, "field 1")]
+        settled(daemon)
+        daemon.control.call("set-roi", fov_id=fovs[0], polygon=ROI)
+        daemon.control.call("exclude", fov_id=fovs[1])
+        snapshot = settled(daemon)
+        wait_for(lambda: all((case_dir / "images" / f"{f}.png").exists() for f in [control, *fovs]), what="images")
+        for fov_id in [control, *fovs]:  # lossless: byte for byte what the daemon serves
+            assert (case_dir / "images" / f"{fov_id}.png").read_bytes() == daemon_image(daemon, fov_id)
+        closed = daemon.control.call("close-case")["summary"]
+        docs = wait_for_docs(case_dir, has_stop, "the stop document")
+    finally:
+        assert recorder.stop() == 0
+
+    kinds = [d["doc"] for d in docs]
+    assert kinds[0] == "start" and kinds[1] == "descriptor" and kinds[-1] == "stop"
+    start, descriptor, stop = docs[0], docs[1], docs[-1]
+    assert start["case_id"] == "rec-full" and start["operator"] == "Dr Test"
+    assert start["params_source"] == "case message" and start["params"]["weak_threshold_od"] > 0
+    assert start["rule"]["cutoff_percent"] == 10.0 and start["pixel_size_um"] == 0.5
+    assert descriptor["run_start"] == start["uid"] and descriptor["data_keys"]["percentages"]["units"] == "%"
+    events = [d for d in docs if d["doc"] == "event"]
+    assert {e["fov_id"] for e in events} == {f["fov_id"] for f in snapshot["fovs"]}
+    assert [e["seq_num"] for e in events] == list(range(1, len(events) + 1))
+    assert all(e["descriptor"] == descriptor["uid"] for e in events)
+    latest = {e["fov_id"]: e for e in events}
+    for entry in closed["fovs"]:
+        assert latest[entry["fov_id"]]["data"]["counts"] == entry["counts"]
+    assert latest[fovs[0]]["rescore"]  # scored again after set-roi
+    assert latest[control]["data"]["calibration"]["qc_passed"]
+    actions = [d for d in docs if d["doc"] == "action"]
+    assert [(a["index"], a["action"]) for a in actions] == [(0, "set-roi"), (1, "exclude")]
+    assert actions[0]["args"]["polygon"] == ROI
+    assert stop["exit_status"] == "success", stop["reason"]
+    assert stop["score"] == closed["case"]["score"] and stop["counts"] == closed["case"]["counts"]
+    assert stop["status"] == closed["case"]["status"] and stop["excluded"] == [fovs[1]]
+    assert stop["control_fov_id"] == control and stop["control_qc_passed"]
+
+    for fov_id in [control, *fovs]:
+        assert (case_dir / "overlays" / f"{fov_id}.png").stat().st_size > 1000
+        assert {p.name for p in (case_dir / "overlays" / fov_id).iterdir()} >= {"cells.png", "panel.png"}
+    report = (case_dir / "report.html").read_text()
+    assert f"HER2 IHC {closed['case']['score']}" in report and "Final score" in report
+    assert all(fov_id in report for fov_id in [control, *fovs])
+    schema = json.loads((case_dir / "schema.json").read_text())
+    assert {"start", "event", "stop"} <= {
+        v["properties"]["doc"]["const"] for v in schema["$defs"].values() if "doc" in v.get("properties", {})
+    }
+    assert stat.S_IMODE(case_dir.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in case_dir.rglob("*") if p.is_file())
+    state = json.loads((case_dir / "recorder-state.json").read_text())
+    assert state["closed"] and state["case_id"] == "rec-full"
+
+
+def test_a_recorder_killed_mid_case_loses_nothing(setup: Setup) -> None:
+    daemon = setup.daemon
+    recorder = setup.recorder()
+    case_dir = setup.out / "rec-kill"
+    try:
+        daemon.control.call("start-case", case_id="rec-kill")
+        control = capture(daemon, "control")
+        first = capture(daemon, "field 2")
+        wait_for_docs(case_dir, has_events(control, first), "the first FOV's event")
+        recorder.kill()
+        later = [capture(daemon, "field 3"), capture(daemon, "field 0")]
+        settled(daemon)
+        recorder = setup.recorder()
+        wait_for_docs(case_dir, has_events(*later), "the FOVs captured while the recorder was down")
+        daemon.control.call("close-case")
+        docs = wait_for_docs(case_dir, has_stop, "the stop document")
+    finally:
+        assert recorder.stop() == 0
+    events = [d for d in docs if d["doc"] == "event"]
+    fov_ids = [control, first, *later]
+    assert sorted(e["fov_id"] for e in events) == sorted(fov_ids)  # each once: no FOV missing, none twice
+    assert [e["seq_num"] for e in events] == list(range(1, len(events) + 1))
+    assert sum(d["doc"] == "start" for d in docs) == 1 and sum(d["doc"] == "descriptor" for d in docs) == 1
+    assert all((case_dir / "images" / f"{f}.png").stat().st_size > 1000 for f in fov_ids)
+    assert docs[-1]["exit_status"] == "success", docs[-1]["reason"]
+    assert any(e.get("event") == "recorder_sync" and e.get("since_seq", 0) > 0 for e in recorder.logs())
+
+
+def test_a_torn_last_line_is_truncated_on_restart(setup: Setup) -> None:
+    daemon = setup.daemon
+    recorder = setup.recorder()
+    case_dir = setup.out / "rec-torn"
+    try:
+        daemon.control.call("start-case", case_id="rec-torn")
+        first = capture(daemon, "field 1")
+        docs = wait_for_docs(case_dir, has_events(first), "the first event")
+        recorder.kill()
+        whole = (case_dir / "events.jsonl").read_bytes()
+        torn = json.dumps(docs[-1]).encode()
+        with open(case_dir / "events.jsonl", "ab") as handle:  # a crash in the middle of writing a line
+            handle.write(torn[: len(torn) // 2])
+        second = capture(daemon, "field 2")
+        settled(daemon)
+        recorder = setup.recorder()
+        docs = wait_for_docs(case_dir, has_events(second), "the event after the restart")
+        data = (case_dir / "events.jsonl").read_bytes()
+        assert data.startswith(whole) and data.endswith(b"\n")
+        daemon.control.call("close-case")
+        docs = wait_for_docs(case_dir, has_stop, "the stop document")
+    finally:
+        assert recorder.stop() == 0
+    from clients.recorder import read_log
+
+    parsed, end = read_log(case_dir / "events.jsonl")
+    assert end == (case_dir / "events.jsonl").stat().st_size and len(parsed) == len(docs)
+    assert sorted(d["fov_id"] for d in docs if d["doc"] == "event") == sorted([first, second])
+    assert any(e.get("event") == "torn_line_truncated" for e in recorder.logs())
+
+
+def test_a_full_disk_is_reported_and_corrupts_nothing(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    from structlog.testing import capture_logs
+
+    from clients import recorder as recorder_module
+    from config.scoring import CaseRule, ScoringParams
+
+    daemon = setup.daemon
+    out = setup.root / "disk-cases"
+    recorder = recorder_module.Recorder(
+        out,
+        lambda: daemon.endpoints,
+        fallback_params=ScoringParams(),
+        fallback_rule=CaseRule(),
+        daemon_state=setup.state,
+        heartbeat_ms=300,
+    )
+
+    def step_until(predicate: Any, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            recorder.step(100)
+
+    try:
+        daemon.control.call("start-case", case_id="rec-disk")
+        case_dir = out / "rec-disk"
+        step_until(lambda: any(d["doc"] == "descriptor" for d in read_docs(case_dir)), "the start")
+        before = (case_dir / "events.jsonl").read_bytes()
+        real_write = recorder_module._write_fully
+
+        def full_disk(fd: int, data: bytes) -> None:
+            real_write(fd, data[: len(data) // 2])  # part of it fits, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(recorder_module, "_write_fully", full_disk)
+        with capture_logs() as logs:
+            fov_id = capture(daemon, "field 3")
+            step_until(
+                lambda: recorder.folders["rec-disk"].pending > 0 and recorder.folders["rec-disk"].has_event(fov_id),
+                "the FOV's result (held in memory)",
+            )
+            recorder.step(100)
+        assert any(entry["event"] == "disk_full" and entry["log_level"] == "error" for entry in logs)
+        assert (case_dir / "events.jsonl").read_bytes() == before  # no partial line, nothing torn
+        assert not (case_dir / "images" / f"{fov_id}.png").exists()
+        assert not list(case_dir.glob("**/.*.tmp"))  # no half-written temporary files left taking space
+        monkeypatch.setattr(recorder_module, "_write_fully", real_write)  # space is back
+        step_until(lambda: any(e["fov_id"] == fov_id for e in events_of(case_dir)), "the retried write")
+        step_until(lambda: recorder.folders["rec-disk"].pending == 0, "every queued write")
+        assert (case_dir / "images" / f"{fov_id}.png").read_bytes() == daemon_image(daemon, fov_id)
+        assert read_docs(case_dir)[0]["doc"] == "start"
+        daemon.control.call("close-case")
+        step_until(lambda: has_stop(read_docs(case_dir)), "the stop")
+    finally:
+        recorder.close()
+        with contextlib.suppress(ControlError):
+            daemon.control.call("close-case")
