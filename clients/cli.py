@@ -239,7 +239,7 @@ def view(
     config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
     daemon_state: Annotated[
         Path | None,
-        typer.Option("--daemon-state", help="The daemon's state folder (endpoints.json) [default: the config's]."),
+        typer.Option("--daemon-state", help="The daemon's state folder with endpoints.json (default: the config's)."),
     ] = None,
     headless_frames: Annotated[
         int | None,
@@ -249,6 +249,8 @@ def view(
     size: Annotated[str, typer.Option("--size", help="Window size, WIDTHxHEIGHT.")] = "1600x900",
 ) -> None:
     """Show the live view, the last FOV with its overlays and the case score in a window (keys in its footer)."""
+    import time
+
     from clients import viewer
     from clients.control import ControlError
     from config.app import ConfigError
@@ -262,14 +264,19 @@ def view(
         raise _fail("no display to open a window on: use --headless-frames N --out DIR, or run it on the desktop")
     if headless_frames is not None and out is None:
         raise _fail("--headless-frames needs --out DIR for the PNG frames")
-    state = viewer.initial_state(__import__("time").monotonic(), heartbeat_s)
+    state = viewer.initial_state(time.monotonic(), heartbeat_s)
     with viewer.DaemonLink(endpoints, endpoints_dir=endpoints_dir) as link:
-        if headless_frames is not None and out is not None:
-            state, written = viewer.run_headless(link, state, headless_frames, out, canvas)
-            typer.echo(viewer.terminal_summary(state))
-            typer.echo(f"{len(written)} frames written to {out}")
-        else:
-            viewer.run_window(link, state, canvas)
+        try:
+            if headless_frames is not None and out is not None:
+                state, written = viewer.run_headless(link, state, headless_frames, out, canvas)
+                typer.echo(viewer.terminal_summary(state))
+                typer.echo(f"{len(written)} frames written to {out}")
+            else:
+                viewer.run_window(link, state, canvas)
+        except KeyboardInterrupt:
+            pass
+        except OSError as error:
+            raise _fail(f"{error.filename or out}: {error.strerror or error}") from None
 
 
 def run() -> Any:

@@ -98,9 +98,13 @@ def score_case(fovs: Iterable[FovResult], rule: CaseRule, control: ControlCalibr
         warnings.extend(control.warnings)
     if call.score is None:
         warnings.append(call.reason)
-    for warning in dict.fromkeys(w for fov in fov_list for w in fov.warnings):
-        if warning not in warnings:
-            warnings.append(warning)
+    for fov in fov_list:
+        for warning in fov.warnings:
+            # one FOV with few cells (a small ROI, say) says nothing about the case: its cells still count
+            if fov.call.score is None and warning == fov.call.reason:
+                continue
+            if warning not in warnings:
+                warnings.append(warning)
     return CaseResult(
         counts=counts,
         percentages=counts.percentages(),

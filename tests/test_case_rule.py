@@ -429,3 +429,14 @@ def test_score_case_with_no_fovs_is_not_assessable() -> None:
     assert case.call.status == Her2Status.NOT_ASSESSABLE
     assert case.warnings[0] == NO_CONTROL_WARNING
     assert "0 tumour cells" in case.warnings[1]
+
+
+def test_a_fov_with_too_few_cells_does_not_warn_about_the_whole_case() -> None:
+    # One FOV restricted to a small ROI has few cells; the case, with all its FOVs, has plenty.
+    few = ClassCounts(zero=RULE.min_tumour_cells // 2)
+    small = fov(few, warnings=(call_score(few, RULE).reason,))  # as analyse_fov words it
+    assert small.call.score is None
+    large = fov(ClassCounts(zero=RULE.min_tumour_cells * 3, one_plus=RULE.min_tumour_cells))
+    case = score_case([small, large], RULE, control=None)
+    assert case.call.score is not None
+    assert not any("fewer than" in warning for warning in case.warnings)

@@ -188,6 +188,8 @@ def test_close_removes_current_and_nothing_resumes(store: CaseStore, tmp_path: P
         "open": False,
         "operator": None,
         "started_at": None,
+        "closed_at": None,
+        "adjustments": [],
         "fovs": [],
         "control": None,
         "case": None,
