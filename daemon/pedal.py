@@ -148,7 +148,8 @@ def _import_evdev() -> ModuleType:
         import evdev
     except ImportError as error:
         raise PedalError(INSTALL_HINT) from error
-    return evdev
+    module: ModuleType = evdev
+    return module
 
 
 def resolve_keys(config: PedalConfig) -> dict[int, TriggerKind]:
