@@ -157,7 +157,7 @@ def format_case(summary: dict[str, Any]) -> str:
     score = case.get("score") or "not assessable"
     extra = [case["zero_subtype"]] if case.get("zero_subtype") else []
     if case.get("her2_low"):
-        extra.append("HER2-low")
+        extra.append("HER2-low" if case.get("score") == "1+" else "HER2-low if ISH is negative")
     lines.append(f"CASE HER2 IHC {score}: {case.get('status', '?')}" + (f" ({', '.join(extra)})" if extra else ""))
     if case.get("reason"):
         lines.append(f"  {case['reason']}")
