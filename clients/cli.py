@@ -151,7 +151,8 @@ def record(
     """Record every case of the daemon: event log, lossless images, overlays and an HTML report per case."""
     import signal
 
-    from clients.recorder import Recorder, resolve_endpoints
+    from clients.control import live_endpoints
+    from clients.recorder import Recorder
     from config.app import ConfigError, load_config
     from daemon.logs import configure_logging
 
@@ -166,7 +167,7 @@ def record(
     try:
         recorder = Recorder(
             out,
-            lambda: resolve_endpoints(state, configured),
+            lambda: live_endpoints(state, configured),
             fallback_params=app_config.scoring,
             fallback_rule=app_config.case_rule,
             pixel_size_um=app_config.optics.pixel_size_um,

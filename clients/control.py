@@ -117,33 +117,43 @@ def read_endpoints(state_directory: Path) -> dict[str, str]:
         raise ControlError(f"no running daemon found ({path}: {error})") from None
 
 
-def daemon_endpoints(config_path: Path | None = None, state_directory: Path | None = None) -> dict[str, str]:
-    """Where the daemon listens: its ``endpoints.json`` (written at start, needed for ``*`` ports) when a live
-    daemon wrote one in ``state_directory`` (default: the config's), else the config's endpoints.
+def live_endpoints(state_directory: Path, configured: dict[str, str] | None = None) -> dict[str, str]:
+    """The running daemon's endpoints: its ``endpoints.json`` when the pid in it is alive, else ``configured``.
 
     Raises
     ------
     ControlError
-        The configured endpoints use ``*`` and no running daemon wrote its endpoints.
+        No live daemon wrote its endpoints and ``configured`` is missing or uses ports chosen at start (``*``).
     """
+    path = state_directory.expanduser() / "endpoints.json"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        pid = int(document.get("pid", 0))
+        if pid > 0 and Path(f"/proc/{pid}").exists():
+            return {"publish": str(document["publish"]), "control": str(document["control"])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    if configured and not any("*" in e for e in configured.values()):
+        return configured
+    raise ControlError(f"no running daemon found: none wrote {path}, and the configured ports are chosen at start")
+
+
+def daemon_endpoints(config_path: Path | None = None, state_directory: Path | None = None) -> dict[str, str]:
+    """Where the daemon of a configuration listens (see :func:`live_endpoints`); ``state_directory`` defaults to
+    the configuration's. ConfigError for a bad configuration, ControlError when no daemon can be found."""
     from config.app import load_config
 
     config = load_config(config_path)
-    state = (state_directory or config.daemon.state.directory).expanduser()
-    path = state / "endpoints.json"
-    if path.is_file():
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-            pid = int(document.get("pid", 0))
-            alive = pid > 0 and Path(f"/proc/{pid}").exists()
-        except (OSError, ValueError, TypeError):
-            alive = False
-        if alive:
-            return {"publish": str(document["publish"]), "control": str(document["control"])}
-    endpoints = {"publish": config.daemon.zmq.publish, "control": config.daemon.zmq.control}
-    if any("*" in e for e in endpoints.values()):
-        raise ControlError(f"the daemon's ports are chosen at start ('*') and no running daemon wrote {path}")
-    return endpoints
+    state = state_directory or config.daemon.state.directory
+    return live_endpoints(state, {"publish": config.daemon.zmq.publish, "control": config.daemon.zmq.control})
 
 
-__all__ = ["ControlClient", "ControlError", "ProtocolError", "Subscriber", "daemon_endpoints", "read_endpoints"]
+__all__ = [
+    "ControlClient",
+    "ControlError",
+    "ProtocolError",
+    "Subscriber",
+    "daemon_endpoints",
+    "live_endpoints",
+    "read_endpoints",
+]

@@ -635,23 +635,6 @@ class LoopState(StrEnum):
     FOLLOWING = "following"
 
 
-def resolve_endpoints(
-    state_directory: Path, configured: dict[str, str] | None = None
-) -> dict[str, str]:  # pragma: no cover - trivial
-    """The endpoints of the running daemon: its ``endpoints.json`` when its pid is alive, else ``configured``."""
-    path = state_directory.expanduser() / "endpoints.json"
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-        pid = int(document.get("pid", 0))
-        if pid > 0 and Path(f"/proc/{pid}").exists():
-            return {"publish": str(document["publish"]), "control": str(document["control"])}
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
-    if configured and not any("*" in e for e in configured.values()):
-        return configured
-    raise ControlError(f"no running daemon found ({path})")
-
-
 class Recorder:
     """Follows the daemon and writes the case folders under ``out``. Drive it with :meth:`step` or :meth:`run`.
 
