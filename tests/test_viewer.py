@@ -3,14 +3,17 @@ under Xvfb.
 
 The pure tests build protocol messages with ``daemon.protocol.encode`` exactly as the daemon publishes them. The
 daemon tests run the daemon as a real process on the simulated microscope and drive the viewer's client loop
-headless (``DaemonLink.poll``), with the keys and clicks a pathologist would use. The window test starts Xvfb
-(Debian package ``xvfb``) and reads the X screen from the framebuffer file Xvfb keeps (``-fbdir``, XWD format).
+headless (``DaemonLink.poll``), with the keys and clicks a pathologist would use. The window tests start Xvfb
+(Debian package ``xvfb``) and read the X screen from the framebuffer file Xvfb keeps (``-fbdir``, XWD format);
+real key presses and clicks reach the window from xdotool (Debian package ``xdotool``), through XTEST.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -29,6 +32,7 @@ from clients.viewer import Click, ImageFetched, Quit, Send, Snapshot, Tick, View
 from daemon.protocol import (
     CaptureBody,
     CaseBody,
+    Message,
     OverlayBody,
     Payload,
     PreviewBody,
@@ -38,7 +42,7 @@ from daemon.protocol import (
     encode,
 )
 from scoring.overlay import LAYER_NAMES
-from tests.test_daemon_e2e import CONFIG, Daemon, arrive, next_message, wait_for
+from tests.test_daemon_e2e import CONFIG, DEADLINE_S, Daemon, arrive, next_message, wait_for
 
 SESSION = "0123456789abcdef"
 CASE_ID = "case-1"
@@ -755,12 +759,10 @@ def xvfb(tmp_path: Path) -> Iterator[tuple[str, Path]]:
             server.kill()
 
 
-def test_the_real_window_shows_the_viewer_under_xvfb(
-    daemon: Daemon, xvfb: tuple[str, Path], tmp_path: Path, driven: Driven
-) -> None:
-    display, framebuffer = xvfb
+@contextlib.contextmanager
+def window_viewer(daemon: Daemon, display: str, framebuffer: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``her2scope view`` in its real window on ``display``, once the window shows; terminated at the end."""
     config = daemon.state.parent / "config.toml"
-    log = tmp_path / "viewer.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(
             [*VIEW_COMMAND, "--config", str(config), "--daemon-state", str(daemon.state)],
@@ -779,23 +781,40 @@ def test_the_real_window_shows_the_viewer_under_xvfb(
             return bool(np.all(np.abs(bar.astype(int) - (22, 20, 19)) <= 2)) and screen[rows // 2, cols // 2].any()
 
         wait_for(window_shown, what=f"the viewer's window on {display} (log: {log.read_text(errors='replace')})")
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def overlay_shown(framebuffer: Path) -> list[np.ndarray]:
+    """``[screen]`` when the big pane shows a FOV with its cells layer, else ``[]`` (a ``wait_for`` predicate)."""
+    screen = read_xwd(framebuffer)
+    big = viewer._image_area(viewer.layout(SIZE).big)
+    pane = screen[big.y : big.y + big.h, big.x : big.x + big.w].astype(int)
+    # the cells layer's rings in the class colours: none of them are stain colours
+    rings = sum(
+        int(np.count_nonzero(np.all(np.abs(pane - colour) <= 12, axis=2))) for colour in viewer.CLASS_BGR.values()
+    )
+    return [screen] if rings > 200 else []
+
+
+def test_the_real_window_shows_the_viewer_under_xvfb(
+    daemon: Daemon, xvfb: tuple[str, Path], tmp_path: Path, driven: Driven
+) -> None:
+    display, framebuffer = xvfb
+    log = tmp_path / "viewer.log"
+    with window_viewer(daemon, display, framebuffer, log) as process:
+        rows, cols = SIZE
+        layout = viewer.layout(SIZE)
         with daemon.subscribe(Topic.OVERLAY) as overlays:
             fov = daemon.control.call("capture")
             next_message(overlays, lambda m: m.body.fov_id == fov["fov_id"], "the capture's overlay")  # type: ignore[attr-defined]
-
-        big = viewer._image_area(layout.big)
-
-        def overlay_shown() -> list[np.ndarray]:
-            screen = read_xwd(framebuffer)
-            pane = screen[big.y : big.y + big.h, big.x : big.x + big.w].astype(int)
-            # the cells layer's rings in the class colours: none of them are stain colours
-            rings = sum(
-                int(np.count_nonzero(np.all(np.abs(pane - colour) <= 12, axis=2)))
-                for colour in viewer.CLASS_BGR.values()
-            )
-            return [screen] if rings > 200 else []
-
-        shown = wait_for(overlay_shown, what="the FOV with its overlay in the window")
+        shown = wait_for(lambda: overlay_shown(framebuffer), what="the FOV with its overlay in the window")
         assert isinstance(shown, list)
         screen = shown[0]
         assert process.poll() is None, log.read_text(errors="replace")
@@ -809,12 +828,90 @@ def test_the_real_window_shows_the_viewer_under_xvfb(
         assert len(np.unique(footer.reshape(-1, 3), axis=0)) > 10  # the key help
         target = Path(os.environ.get("HER2SCOPE_VIEWER_SCREENSHOT", tmp_path / "viewer.png"))
         assert cv2.imwrite(str(target), window, [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+
+
+def xdotool(display: str, *arguments: str) -> str:
+    """Run ``xdotool`` on ``display`` (within a deadline); its output. Fails the test when xdotool fails."""
+    completed = subprocess.run(
+        ["xdotool", *arguments],
+        env={**os.environ, "DISPLAY": display},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert completed.returncode == 0, f"xdotool {' '.join(arguments)}: {completed.stderr}"
+    return completed.stdout
+
+
+def drawn(screen: np.ndarray, area: viewer.Rect) -> int:
+    """How many pixels of ``area`` of the screen have the colour regions are drawn in (``viewer.DRAW``)."""
+    pixels = screen[area.y : area.y + area.h, area.x : area.x + area.w].astype(int)
+    return int(np.count_nonzero(np.all(np.abs(pixels - viewer.DRAW) <= 40, axis=2)))
+
+
+@pytest.mark.skipif(
+    shutil.which("xdotool") is None,
+    reason="xdotool is not installed (Debian package 'xdotool'): real key presses and clicks cannot be sent",
+)
+def test_keys_and_clicks_in_the_real_window_reach_the_daemon(
+    daemon: Daemon, xvfb: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Real X input (xdotool: XTEST key presses and pointer clicks) in the real window: capture, an ROI, quit."""
+    display, framebuffer = xvfb
+    log = tmp_path / "viewer.log"
+    with window_viewer(daemon, display, framebuffer, log) as process:
+        # No window manager on Xvfb: windowactivate (_NET_ACTIVE_WINDOW) fails, windowfocus (XSetInputFocus) works;
+        # `key` without --window then goes through XTEST, as a real keyboard would.
+        title = "^" + re.escape(viewer.WINDOW_TITLE) + "$"
+        window = xdotool(display, "search", "--sync", "--onlyvisible", "--name", title).split()[0]
+        xdotool(display, "windowfocus", "--sync", window)
+
+        def fov_ids() -> list[str]:
+            return [f["fov_id"] for f in daemon.control.call("snapshot")["case"]["fovs"]]
+
+        before = fov_ids()
+        with daemon.subscribe(Topic.CAPTURE, Topic.OVERLAY) as messages:
+            xdotool(display, "key", "space")
+            capture = next_message(messages, lambda m: m.header.topic == Topic.CAPTURE, "the capture of the space key")
+            assert isinstance(capture.body, CaptureBody)
+            assert capture.body.trigger == "control" and capture.body.kind == "fov"
+            fov_id = capture.body.fov_id
+
+            def its_overlay(message: Message) -> bool:
+                return isinstance(message.body, OverlayBody) and message.body.fov_id == fov_id
+
+            overlay = next_message(messages, its_overlay, f"the overlay of {fov_id}")
+        assert fov_ids() == [*before, fov_id]
+        assert isinstance(overlay.body, OverlayBody)
+        shape = (overlay.body.height, overlay.body.width)
+
+        xdotool(display, "key", "r")
+        rect = viewer.fit(viewer._image_area(viewer.layout(SIZE).big), shape)  # as `fov_display_rect` places it
+        banner = viewer.Rect(rect.x, rect.y, rect.w, 34)  # drawn once the FOV's size is known: clicks can land
+        wait_for(lambda: drawn(read_xwd(framebuffer), banner) > 100, what="the ROI mode's banner in the window")
+        fov_shape = (540, 960)  # the simulated camera's frame
+        for fy, fx in ((0.15, 0.1), (0.15, 0.5), (0.6, 0.5), (0.6, 0.1)):
+            x, y = (round(v) for v in viewer.fov_to_display((fy * fov_shape[0], fx * fov_shape[1]), rect, fov_shape))
+            assert rect.contains(x, y)
+            xdotool(display, "mousemove", "--window", window, str(x), str(y), "click", "1")
+
+            def corner_drawn(x: int = x, y: int = y) -> bool:  # an accepted corner: a white dot in a magenta ring
+                screen = read_xwd(framebuffer)
+                return bool(screen[y, x].min() == 255) and drawn(screen, viewer.Rect(x - 6, y - 6, 13, 13)) > 10
+
+            wait_for(corner_drawn, what=f"the corner clicked at ({x}, {y}) in the window")
+        xdotool(display, "key", "Return")
+
+        def rescored() -> bool:
+            entry = next(f for f in daemon.control.call("snapshot")["case"]["fovs"] if f["fov_id"] == fov_id)
+            return bool(entry["roi"]) and entry["status"] == "scored"
+
+        wait_for(rescored, what=f"the ROI of {fov_id} to reach the daemon and the FOV to be re-scored")
+        adjustments = daemon.control.call("snapshot")["case"]["adjustments"]
+        assert adjustments[-1]["action"] == "set-roi" and adjustments[-1]["args"]["fov_id"] == fov_id
+
+        xdotool(display, "key", "q")
+        assert process.wait(timeout=DEADLINE_S) == 0, log.read_text(errors="replace")
 
 
 def test_the_viewer_reconnects_to_a_restarted_daemon(daemon: Daemon, tmp_path: Path) -> None:
