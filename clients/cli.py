@@ -56,7 +56,11 @@ def score(
     ] = None,
     pixel_size: Annotated[
         float | None,
-        typer.Option("--pixel-size", help="µm per pixel of the images [default: the config's optics.pixel_size_um]."),
+        typer.Option("--pixel-size", help="µm per pixel of the images [default: the objective's, below]."),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option("--objective", help="Objective the images were taken with, as named in the config's optics."),
     ] = None,
     roi: Annotated[
         Path | None,
@@ -77,10 +81,17 @@ def score(
     try:
         app_config = load_config(config)
         polygon = read_roi(roi) if roi is not None else None
+        optics = app_config.optics
+        if pixel_size is not None and objective is not None:
+            raise InputError("give --pixel-size or --objective, not both")
+        if objective is not None and objective not in optics.objectives:
+            raise InputError(f"--objective {objective!r} is not in the configuration: {', '.join(optics.objectives)}")
+        if pixel_size is None:
+            pixel_size = optics.objectives[objective] if objective is not None else optics.pixel_size_um
         report = scoring_report.score_files(
             fovs,
             control=control,
-            pixel_size_um=pixel_size if pixel_size is not None else app_config.optics.pixel_size_um,
+            pixel_size_um=pixel_size,
             roi_polygon=polygon,
             overlay_dir=overlay_dir,
             params=app_config.scoring,

@@ -84,6 +84,20 @@ def control(
         typer.echo(f"captured the positive control as {data['fov_id']}")
 
 
+@ctl_app.command()
+def objective(
+    name: Annotated[str, typer.Argument(help="The objective now in use, as named in the configuration (e.g. 20x).")],
+    config: ConfigOption = None,
+    daemon_state: StateOption = None,
+    timeout_ms: TimeoutOption = 5000.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Tell the daemon which objective is in use (its pixel size scores the next captures)."""
+    data = _call("set-objective", config, daemon_state, timeout_ms, as_json, objective=name)
+    if not as_json:
+        typer.echo(f"objective {data['objective']}: {data['pixel_size_um']} µm per pixel")
+
+
 case_app = typer.Typer(name="case", help="Start or close a case.", no_args_is_help=True)
 ctl_app.add_typer(case_app)
 
@@ -135,7 +149,8 @@ def status(
     typer.echo(
         f"daemon {state['daemon']}, camera {camera['state']} ({camera['source']}, {camera['fps']:.1f} fps), "
         f"stability {state['stability']}, auto-capture {'on' if state['auto_capture'] else 'off'}, "
-        f"worker {state['worker']} (queue {state['queue']})"
+        f"worker {state['worker']} (queue {state['queue']}), objective {state['objective']} "
+        f"({state['pixel_size_um']} µm/px)"
     )
     if camera.get("last_error"):
         typer.echo(f"camera: {camera['last_error']}")

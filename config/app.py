@@ -6,7 +6,9 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from config.daemon import DaemonConfig
 from config.scoring import CaseRule, ScoringParams
@@ -16,12 +18,52 @@ class ConfigError(ValueError):
     """The configuration file is unreadable or invalid; the message names the file, field and value."""
 
 
+PixelSize = Annotated[float, Field(gt=0.05, le=5.0)]
+
+
 class OpticsConfig(BaseModel):
-    """The camera on the microscope: the pixel size in the specimen plane for the objective in use."""
+    """The camera on the microscope: the pixel size in the specimen plane of each objective, and the one in use.
+
+    ``pixel_size_um = X`` alone is short for a microscope with one objective of that pixel size.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    pixel_size_um: float = Field(0.25, gt=0.05, le=5.0, description="µm per camera pixel (40x ≈ 0.25, 20x ≈ 0.5)")
+    objectives: dict[str, PixelSize] = Field(
+        default_factory=lambda: {"20x": 0.5, "40x": 0.25},
+        description="µm per camera pixel for each objective (camera and relay lens included): measure yours with a "
+        "stage micrometer",
+    )
+    objective: str = Field("40x", description="The objective in use at start (the control endpoint can change it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_pixel_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "pixel_size_um" in data:
+            if "objectives" in data or "objective" in data:
+                raise ValueError("give either pixel_size_um (one objective) or objectives and objective, not both")
+            value = data["pixel_size_um"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.05 < value <= 5.0:
+                raise ValueError(
+                    f"pixel_size_um = {value!r} must be a number of µm per pixel in (0.05, 5] (40x ≈ 0.25, 20x ≈ 0.5)"
+                )
+            rest = {k: v for k, v in data.items() if k != "pixel_size_um"}
+            return {**rest, "objectives": {"objective": data["pixel_size_um"]}, "objective": "objective"}
+        return data
+
+    @model_validator(mode="after")
+    def _objective_is_known(self) -> OpticsConfig:
+        if not self.objectives:
+            raise ValueError("objectives must name at least one objective and its pixel size")
+        if self.objective not in self.objectives:
+            known = ", ".join(repr(name) for name in self.objectives)
+            raise ValueError(f"objective {self.objective!r} is not one of the objectives ({known})")
+        return self
+
+    @property
+    def pixel_size_um(self) -> float:
+        """µm per camera pixel with the objective in use."""
+        return self.objectives[self.objective]
 
 
 class AppConfig(BaseModel):

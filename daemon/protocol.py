@@ -127,6 +127,8 @@ class StatusBody(_Model):
         0, description="Captured images not yet on disk (being written, or waiting to retry after a full disk)"
     )
     uptime_s: float
+    objective: str = Field("", description="The objective in use (a name from the configuration's optics)")
+    pixel_size_um: float = Field(0.0, description="µm per camera pixel with that objective")
 
 
 class CaseBody(_Model):
@@ -238,6 +240,7 @@ class Command(StrEnum):
     AUTO_CAPTURE = "auto-capture"
     STAGE = "stage"
     IMAGE = "image"
+    SET_OBJECTIVE = "set-objective"
 
 
 class Request(_Model):

@@ -86,6 +86,7 @@ class Daemon:
 
     def __init__(self, config: AppConfig, *, source: FrameSource | None = None) -> None:
         self.config = config
+        self.objective = config.optics.objective
         self.pixel_size_um = config.optics.pixel_size_um
         daemon_config = config.daemon
         self.state = DaemonState.STARTING
@@ -492,6 +493,8 @@ class Daemon:
             queue=self.worker.queued,
             unsaved_images=self.store.unsaved_images,
             uptime_s=round((_now_ms() - self._started_ms) / 1000.0, 1),
+            objective=self.objective,
+            pixel_size_um=self.pixel_size_um,
         )
 
     def _publish_status(self) -> None:
@@ -618,6 +621,8 @@ class Daemon:
                 return {"auto_capture": enabled}, []
             case Command.STAGE:
                 return self._stage(args), []
+            case Command.SET_OBJECTIVE:
+                return self._set_objective(_required_str(args, "objective")), []
             case Command.IMAGE:
                 fov_id = _required_str(args, "fov_id")
                 record = self.store.record(fov_id)
@@ -629,6 +634,18 @@ class Daemon:
                     "pixel_size_um": record.pixel_size_um,
                 }, [png]
         raise RequestError(f"command {request.command.value!r} is not handled")  # pragma: no cover
+
+    def _set_objective(self, objective: str) -> dict[str, Any]:
+        objectives = self.config.optics.objectives
+        if objective not in objectives:
+            known = ", ".join(objectives)
+            raise RequestError(f"unknown objective {objective!r}; the configuration names: {known}")
+        self.objective, self.pixel_size_um = objective, objectives[objective]
+        # motion thresholds are in µm: the stability detector starts over at the new scale
+        self.stability = StabilityDetector(self.config.daemon.capture, self.pixel_size_um)
+        log.info("objective_changed", objective=objective, pixel_size_um=self.pixel_size_um)
+        self._publish_status()
+        return {"objective": objective, "pixel_size_um": self.pixel_size_um}
 
     def _republish(self, record: FovRecord) -> None:
         body = ResultBody(
@@ -744,6 +761,7 @@ ALLOWED_ARGS: dict[Command, frozenset[str]] = {
     Command.AUTO_CAPTURE: frozenset({"enabled"}),
     Command.STAGE: frozenset({"action", "field", "duration_ms"}),
     Command.IMAGE: frozenset({"fov_id"}),
+    Command.SET_OBJECTIVE: frozenset({"objective"}),
 }
 
 

@@ -410,3 +410,16 @@ def test_16bit_control_calibrates_and_draws_like_8bit(tmp_path: Path) -> None:
     b = cv2.imread(sixteen["overlay"]).astype(np.int16)
     assert a.shape == b.shape == FOV_SHAPE
     assert np.abs(a - b).mean() < 5.0
+
+
+def test_the_objective_sets_the_pixel_size() -> None:
+    runner = CliRunner()
+    at_40x = runner.invoke(app, ["score", str(HER2_0), "--objective", "40x", "--json"])
+    at_20x = runner.invoke(app, ["score", str(HER2_0), "--objective", "20x", "--json"])
+    assert at_40x.exit_code == 0 and at_20x.exit_code == 0
+    assert json.loads(at_40x.stdout)["pixel_size_um"] == 0.25
+    assert json.loads(at_20x.stdout)["pixel_size_um"] == 0.5
+    unknown = runner.invoke(app, ["score", str(HER2_0), "--objective", "60x"])
+    assert unknown.exit_code == 2 and "--objective '60x' is not in the configuration: 20x, 40x" in unknown.stderr
+    both = runner.invoke(app, ["score", str(HER2_0), "--objective", "40x", "--pixel-size", "0.25"])
+    assert both.exit_code == 2 and "not both" in both.stderr

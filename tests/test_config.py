@@ -89,8 +89,10 @@ def test_unknown_field_is_an_error_naming_it(tmp_path: Path, text: str, field: s
         ("[scoring]\nweak_threshold_od = -1\n", "scoring.weak_threshold_od", "-1"),
         ("[scoring]\nweak_threshold_od = 3.5\n", "scoring.weak_threshold_od", "3.5"),
         ("[scoring]\nweak_threshold_od = 'faint'\n", "scoring.weak_threshold_od", "'faint'"),
-        ("[optics]\npixel_size_um = 0\n", "optics.pixel_size_um", "0"),
-        ("[optics]\npixel_size_um = 50.0\n", "optics.pixel_size_um", "50.0"),
+        ("[optics]\npixel_size_um = 0\n", "optics", "pixel_size_um = 0 "),
+        ("[optics]\npixel_size_um = 50.0\n", "optics", "pixel_size_um = 50.0 "),
+        ('[optics]\nobjectives = {"20x" = 9.0}\nobjective = "20x"\n', "optics.objectives.20x", "9.0"),
+        ('[optics]\nobjective = "60x"\n', "optics", "objective '60x' is not one of the objectives ('20x', '40x')"),
         ("[case_rule]\nmin_tumour_cells = 0\n", "case_rule.min_tumour_cells", "0"),
         ("[case_rule]\ncutoff_percent = 120.0\n", "case_rule.cutoff_percent", "120.0"),
         ("[scoring]\nmembrane_width_um = -2.0\n", "scoring.membrane_width_um", "-2.0"),
@@ -117,7 +119,7 @@ def test_every_problem_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     message = str(info.value)
-    for part in ("optics.pixel_size_um = 0", "case_rule.min_tumour_cells = -5", "case_rule.bogus = 1"):
+    for part in ("optics: Value error, pixel_size_um = 0", "case_rule.min_tumour_cells = -5", "case_rule.bogus = 1"):
         assert part in message
 
 
@@ -250,3 +252,12 @@ def test_bad_daemon_settings_are_named(tmp_path: Path, text: str, expected: str)
 def test_remote_endpoints_need_an_explicit_opt_in(tmp_path: Path) -> None:
     text = '[daemon.zmq]\npublish = "tcp://0.0.0.0:5560"\nallow_remote = true\n'
     assert load_config(write(tmp_path, text)).daemon.zmq.publish == "tcp://0.0.0.0:5560"
+
+
+def test_objectives_give_the_pixel_size_and_a_single_pixel_size_is_one_objective(tmp_path: Path) -> None:
+    assert AppConfig().optics.pixel_size_um == 0.25  # the default objective, 40x
+    text = '[optics]\nobjectives = {"10x" = 1.0, "20x" = 0.5}\nobjective = "10x"\n'
+    assert load_config(write(tmp_path, text)).optics.pixel_size_um == 1.0
+    assert load_config(write(tmp_path, "[optics]\npixel_size_um = 0.3\n")).optics.pixel_size_um == 0.3
+    with pytest.raises(ConfigError, match="either pixel_size_um"):
+        load_config(write(tmp_path, '[optics]\npixel_size_um = 0.3\nobjective = "40x"\n'))

@@ -22,7 +22,8 @@ from daemon.protocol import Message, Topic
 
 CONFIG = """
 [optics]
-pixel_size_um = 0.5
+objectives = {{ "20x" = 0.5, "40x" = 0.25 }}
+objective = "20x"
 
 [daemon.camera]
 kind = "simulated"
@@ -310,6 +311,22 @@ def test_the_lossless_image_of_a_fov_can_be_fetched(daemon: Daemon) -> None:
     assert image.shape == (540, 960, 3) and image.dtype == np.uint8
     on_disk = cv2.imread(str(daemon.state / "cases" / case["case_id"] / f"{fov['fov_id']}.png"), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(image, on_disk)
+
+
+def test_the_objective_can_be_switched_and_captures_carry_its_pixel_size(daemon: Daemon) -> None:
+    status = daemon.control.call("status")
+    assert (status["objective"], status["pixel_size_um"]) == ("20x", 0.5)
+    with pytest.raises(ControlError, match="unknown objective '60x'; the configuration names: 20x, 40x"):
+        daemon.control.call("set-objective", objective="60x")
+    assert daemon.control.call("set-objective", objective="40x") == {"objective": "40x", "pixel_size_um": 0.25}
+    try:
+        with daemon.subscribe(Topic.CAPTURE) as subscriber:
+            daemon.control.call("capture")
+            capture = next_message(subscriber, lambda m: True, "the capture")
+        assert capture.body.pixel_size_um == 0.25  # type: ignore[attr-defined]
+        assert daemon.control.call("status")["objective"] == "40x"
+    finally:
+        daemon.control.call("set-objective", objective="20x")  # the simulated camera renders at 0.5 µm/px
 
 
 def test_sigterm_stops_cleanly_and_a_restart_resumes_the_case(daemon: Daemon, tmp_path: Path) -> None:
