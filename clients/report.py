@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-CLASSES = ("0", "1+", "2+", "3+")
+from clients.recorder.documents import CLASSES
+
 #: The overlays' class colours (scoring.overlay.CLASS_COLOURS), so chart, table and pictures agree.
 CLASS_COLOURS = {"0": "#2878ff", "1+": "#f2d300", "2+": "#ff8c00", "3+": "#e61414"}
 STATUS_COLOURS = {

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from clients.recorder import (
+    CLASSES,
     EVENTS_FILE,
     ActionDoc,
     EventDoc,
@@ -483,7 +484,7 @@ def _percentages(counts: dict[str, int]) -> dict[str, float]:
 def _counts_text(counts: dict[str, int] | None) -> str:
     if not counts:
         return "—"
-    return "/".join(str(counts.get(k, 0)) for k in ("0", "1+", "2+", "3+"))
+    return "/".join(str(counts.get(k, 0)) for k in CLASSES)
 
 
 def format_comparison(comparison: dict[str, Any]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
-
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator

@@ -280,6 +280,7 @@ def test_a_full_disk_is_reported_and_corrupts_nothing(setup: Setup, monkeypatch:
     from structlog.testing import capture_logs
 
     from clients import recorder as recorder_module
+    from clients.recorder import folder as folder_module  # where bytes reach the disk
     from config.scoring import CaseRule, ScoringParams
 
     daemon = setup.daemon
@@ -305,13 +306,13 @@ def test_a_full_disk_is_reported_and_corrupts_nothing(setup: Setup, monkeypatch:
         case_dir = out / "rec-disk"
         step_until(lambda: any(d["doc"] == "descriptor" for d in read_docs(case_dir)), "the start")
         before = (case_dir / "events.jsonl").read_bytes()
-        real_write = recorder_module._write_fully
+        real_write = folder_module._write_fully
 
         def full_disk(fd: int, data: bytes) -> None:
             real_write(fd, data[: len(data) // 2])  # part of it fits, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(recorder_module, "_write_fully", full_disk)
+        monkeypatch.setattr(folder_module, "_write_fully", full_disk)
         with capture_logs() as logs:
             fov_id = capture(daemon, "field 3")
             step_until(
@@ -323,7 +324,7 @@ def test_a_full_disk_is_reported_and_corrupts_nothing(setup: Setup, monkeypatch:
         assert (case_dir / "events.jsonl").read_bytes() == before  # no partial line, nothing torn
         assert not (case_dir / "images" / f"{fov_id}.png").exists()
         assert not list(case_dir.glob("**/.*.tmp"))  # no half-written temporary files left taking space
-        monkeypatch.setattr(recorder_module, "_write_fully", real_write)  # space is back
+        monkeypatch.setattr(folder_module, "_write_fully", real_write)  # space is back
         step_until(lambda: any(e["fov_id"] == fov_id for e in events_of(case_dir)), "the retried write")
         step_until(lambda: recorder.folders["rec-disk"].pending == 0, "every queued write")
         assert (case_dir / "images" / f"{fov_id}.png").read_bytes() == daemon_image(daemon, fov_id)

@@ -1,0 +1,531 @@
+"""The recorder's loop: follows the daemon's messages and turns them into the documents and files of case folders.
+
+Recovery (zguide "Clone"): at start, on a ``topic_seq`` gap, on a new daemon ``session`` and when the heartbeat
+stops, the recorder takes a ``snapshot``, ``replay``s the messages after the last sequence number it processed and
+gives every scored FOV of the snapshot that has no event yet one (``source: "snapshot"``). Duplicates are
+impossible: an event carries the daemon's ``(session, seq)`` and actions their index in the case's adjustments.
+
+States of the loop: DISCONNECTED (no daemon found) → SYNCING (snapshot + replay) → FOLLOWING; a gap, a new
+session or silence → SYNCING; a failed request → DISCONNECTED (retried every ``RETRY_S``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+import zmq
+
+from clients.control import ControlClient, ControlError, Subscriber
+from clients.recorder.documents import compose_start, fov_data
+from clients.recorder.folder import REPORT_FILE, STATE_FILE, CaseFolder, _private_dir
+from config.scoring import CaseRule, ScoringParams
+from daemon.protocol import CaseBody, Message, OverlayBody, ProtocolError, ResultBody, StatusBody, Topic, decode
+
+log = structlog.get_logger(__name__)
+
+TOPICS = (Topic.CAPTURE, Topic.RESULT, Topic.OVERLAY, Topic.STATUS, Topic.CASE)
+
+
+class LoopState(StrEnum):
+    """What the recorder's loop is doing."""
+
+    DISCONNECTED = "disconnected"
+    SYNCING = "syncing"
+    FOLLOWING = "following"
+
+
+class Recorder:
+    """Follows the daemon and writes the case folders under ``out``. Drive it with :meth:`step` or :meth:`run`.
+
+    ``endpoints`` is called whenever the recorder (re)connects (a restarted daemon may use new ports).
+    ``daemon_state`` (the daemon's state folder), when readable, supplies a case's parameters and images that
+    the daemon can no longer send (the case message was missed, the case is closed).
+    """
+
+    RETRY_S = 1.0
+
+    def __init__(
+        self,
+        out: Path,
+        endpoints: Callable[[], dict[str, str]],
+        *,
+        fallback_params: ScoringParams,
+        fallback_rule: CaseRule,
+        pixel_size_um: float | None = None,
+        daemon_state: Path | None = None,
+        heartbeat_ms: float = 1000.0,
+        timeout_ms: float = 5000.0,
+    ) -> None:
+        self.out = out.expanduser()
+        _private_dir(self.out)
+        self._endpoints = endpoints
+        self._fallback = (fallback_params, fallback_rule, pixel_size_um)
+        self._daemon_state = daemon_state.expanduser() if daemon_state else None
+        self._silence_ms = max(5 * heartbeat_ms, 2000.0)
+        self._timeout_ms = timeout_ms
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._subscriber: Subscriber | None = None
+        self._control: ControlClient | None = None
+        self.state = LoopState.DISCONNECTED
+        self.session: str | None = None
+        self.last_seq = 0
+        self._topic_seq: dict[str, int] = {}
+        self._last_heard = time.monotonic()
+        self._last_attempt = -1e9
+        self._last_retry = time.monotonic()
+        self._daemon_case: str | None = None
+        self.folders: dict[str, CaseFolder] = {}
+        self._dirty: set[str] = set()
+
+    # life cycle
+
+    def close(self) -> None:
+        """Close the sockets (everything written is already on disk)."""
+        self._disconnect()
+        self._context.term()
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        """Record until ``should_stop()``."""
+        try:
+            while not should_stop():
+                self.step()
+        finally:
+            for folder in self.folders.values():
+                folder.retry()
+            self.close()
+
+    def step(self, timeout_ms: float = 200.0) -> None:
+        """One turn of the loop: (re)connect if needed, handle at most a batch of messages, retry writes."""
+        now = time.monotonic()
+        if self.state == LoopState.DISCONNECTED:
+            if now - self._last_attempt < self.RETRY_S:
+                time.sleep(min(timeout_ms / 1000.0, self.RETRY_S))
+                return
+            self._last_attempt = now
+            self._connect()
+            return
+        assert self._subscriber is not None
+        try:
+            for turn in range(50):
+                message = self._subscriber.receive(timeout_ms if turn == 0 else 0)
+                if message is None:
+                    break
+                self._last_heard = time.monotonic()
+                self._on_live(message)
+                if self.state != LoopState.FOLLOWING:
+                    break
+            if self.state == LoopState.SYNCING:
+                self._sync("gap")
+            elif (time.monotonic() - self._last_heard) * 1000.0 > self._silence_ms:
+                log.warning("daemon_silent", silent_ms=round((time.monotonic() - self._last_heard) * 1000.0))
+                self._disconnect()
+                self._connect()
+        except ControlError as error:
+            log.warning("daemon_unreachable", error=str(error))
+            self._disconnect()
+        except ProtocolError as error:
+            log.warning("message_invalid", error=str(error))
+        if time.monotonic() - self._last_retry >= self.RETRY_S:
+            self._last_retry = time.monotonic()
+            for folder in self.folders.values():
+                if folder.pending:
+                    folder.retry()
+        self._flush_reports()
+
+    def _connect(self) -> None:
+        try:
+            endpoints = self._endpoints()
+        except ControlError as error:
+            log.warning("daemon_not_found", error=str(error))
+            self.state = LoopState.DISCONNECTED
+            return
+        self._subscriber = Subscriber(endpoints["publish"], [t.value for t in TOPICS], context=self._context)
+        self._control = ControlClient(endpoints["control"], timeout_ms=self._timeout_ms, context=self._context)
+        log.info("recorder_connected", **endpoints)
+        try:
+            self._sync("start")
+        except ControlError as error:
+            log.warning("daemon_unreachable", error=str(error))
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        for socket in (self._subscriber, self._control):
+            if socket is not None:
+                socket.close()
+        self._subscriber = self._control = None
+        self.state = LoopState.DISCONNECTED
+
+    # synchronisation
+
+    def _sync(self, why: str) -> None:
+        """Snapshot, replay since the last processed message, then give unrecorded FOVs of the snapshot events."""
+        assert self._control is not None
+        self.state = LoopState.SYNCING
+        snapshot = self._control.call("snapshot")
+        session = str(snapshot["session"])
+        if session != self.session:
+            self.session = session
+            self._topic_seq = {}
+            self.last_seq = self._persisted_seq(session)
+        since = self.last_seq
+        messages, complete, last_seq = self._replay(since)
+        log.info("recorder_sync", why=why, session=session, since_seq=since, replayed=len(messages), complete=complete)
+        self._daemon_case = snapshot["case"].get("case_id")
+        for message in messages:
+            self._apply(message, "replay")
+        self.last_seq = max(self.last_seq, last_seq)
+        self._reconcile(snapshot["case"])
+        if self._daemon_case in self.folders:
+            self.folders[self._daemon_case].save_state(
+                session=session, last_seq=self.last_seq, case_id=self._daemon_case
+            )
+        self._last_heard = time.monotonic()
+        self.state = LoopState.FOLLOWING
+
+    def _replay(self, since: int) -> tuple[list[Message], bool, int]:
+        assert self._control is not None
+        frame = json.dumps({"v": 1, "id": "replay", "command": "replay", "args": {"since_seq": since}}).encode()
+        reply, frames = self._control.request_raw(frame)
+        if not reply.ok:
+            raise ControlError(reply.error or "replay failed")
+        messages, offset = [], 0
+        for count in reply.data["frames_per_message"]:
+            try:
+                messages.append(decode(frames[offset : offset + count]))
+            except ProtocolError as error:
+                log.warning("message_invalid", error=str(error))
+            offset += count
+        return messages, bool(reply.data["complete"]), int(reply.data["last_seq"])
+
+    def _persisted_seq(self, session: str) -> int:
+        """The last sequence number processed in this daemon session, from the case folders' state files."""
+        best = 0
+        for state_file in self.out.glob(f"*/{STATE_FILE}"):
+            try:
+                state = json.loads(state_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if state.get("session") == session:
+                best = max(best, int(state.get("last_seq", 0)))
+        return best
+
+    def _on_live(self, message: Message) -> None:
+        header = message.header
+        body = message.body
+        if isinstance(body, StatusBody):  # what the daemon has open now (replayed messages tell the past)
+            self._daemon_case = body.case_id
+        elif isinstance(body, CaseBody):
+            self._daemon_case = None if body.event == "closed" else body.case.get("case_id")
+        if header.session != self.session:
+            log.info("daemon_restarted", session=header.session)
+            self.state = LoopState.SYNCING
+            return
+        topic = header.topic.value
+        known = self._topic_seq.get(topic)
+        if header.seq > self.last_seq and known is not None and header.topic_seq > known + 1:
+            log.warning("gap_detected", topic=topic, expected=known + 1, got=header.topic_seq)
+            self.state = LoopState.SYNCING
+            return
+        self._apply(message, "live")
+
+    def _apply(self, message: Message, source: Literal["live", "replay"]) -> None:
+        header = message.header
+        self._topic_seq[header.topic.value] = max(self._topic_seq.get(header.topic.value, 0), header.topic_seq)
+        if header.seq <= self.last_seq:
+            return  # already processed (or part of the snapshot)
+        body = message.body
+        if isinstance(body, CaseBody):
+            self._on_case(body, header.session)
+        elif isinstance(body, ResultBody) and header.case_id:
+            self._on_result(body, header.case_id, header.session, header.seq, header.time_ms / 1000.0, source)
+        elif isinstance(body, OverlayBody) and header.case_id:
+            self._on_overlay(body, message, header.case_id)
+        self.last_seq = header.seq
+        if header.case_id and header.topic != Topic.STATUS and header.case_id in self.folders:
+            self.folders[header.case_id].save_state(session=header.session, last_seq=header.seq, case_id=header.case_id)
+
+    # folders
+
+    def folder(self, case_id: str) -> CaseFolder:
+        """The folder of ``case_id`` (opened, or created, on first use)."""
+        if case_id not in self.folders:
+            self.folders[case_id] = CaseFolder(self.out / case_id)
+        return self.folders[case_id]
+
+    def _ensure_start(self, folder: CaseFolder, summary: dict[str, Any], body: CaseBody | None = None) -> None:
+        if folder.run is not None:
+            if folder.run.descriptor is None:
+                folder.append(folder.run.make_descriptor())
+            return
+        software = {"name": "her2scope", "version": "unknown"}
+        pixel_size = self._fallback[2]
+        source: Literal["case message", "daemon state", "recorder config"]
+        if body is not None:
+            params, rule = ScoringParams.model_validate(body.params), CaseRule.model_validate(body.rule)
+            software, pixel_size, source = dict(body.software), body.pixel_size_um, "case message"
+        elif (stored := self._stored_case(folder.case_id)) is not None:
+            params = ScoringParams.model_validate(stored["params"])
+            rule = CaseRule.model_validate(stored["rule"])
+            source = "daemon state"
+        else:
+            params, rule, _ = self._fallback
+            source = "recorder config"
+            log.warning("case_parameters_unknown", case_id=folder.case_id, using="the recorder's configuration")
+        start, folder.run = compose_start(
+            case_id=folder.case_id,
+            operator=summary.get("operator"),
+            started_at=summary.get("started_at"),
+            software=software,
+            params=params,
+            rule=rule,
+            params_source=source,
+            pixel_size_um=pixel_size,
+            control=summary.get("control"),
+            daemon_session=self.session,
+        )
+        folder.append(start)
+        folder.append(folder.run.make_descriptor())
+        log.info("case_recording", case_id=folder.case_id, params_source=source, case_dir=str(folder.path))
+
+    def _stored_case(self, case_id: str) -> dict[str, Any] | None:
+        if self._daemon_state is None:
+            return None
+        try:
+            return dict(json.loads((self._daemon_state / "cases" / case_id / "case.json").read_text("utf-8")))
+        except (OSError, ValueError):
+            return None
+
+    def _record_actions(self, folder: CaseFolder, summary: dict[str, Any]) -> None:
+        assert folder.run is not None
+        adjustments = summary.get("adjustments") or []
+        for index in range(folder.n_actions(), len(adjustments)):
+            folder.append(folder.run.action(index, adjustments[index]))
+
+    # handlers
+
+    def _on_case(self, body: CaseBody, session: str) -> None:
+        summary = body.case
+        case_id = summary.get("case_id")
+        if not case_id:
+            return
+        folder = self.folder(case_id)
+        if folder.stopped:
+            return
+        if body.event in ("started", "resumed"):
+            for other in self.folders.values():
+                if other is not folder and not other.stopped and other.run is not None:
+                    self._abort(other, f"case {case_id} was {body.event} before this case's close was heard")
+        self._ensure_start(folder, summary, body)
+        self._record_actions(folder, summary)
+        folder.summary = summary
+        if body.event == "closed":
+            self._fill_from_summary(folder, summary)
+            self._finish(folder, summary)
+        self._dirty.add(case_id)
+
+    def _on_result(
+        self,
+        body: ResultBody,
+        case_id: str,
+        session: str,
+        seq: int,
+        when: float,
+        source: Literal["live", "replay"],
+    ) -> None:
+        folder = self.folder(case_id)
+        if folder.stopped:
+            return
+        self._ensure_start(folder, body.case)
+        self._record_actions(folder, body.case)
+        folder.summary = body.case
+        self._dirty.add(case_id)
+        if body.status == "pending" or body.score_ms is None:
+            return  # an exclude/include update: recorded as an action, not a new result
+        if folder.seen(session, seq):
+            return
+        assert folder.run is not None
+        self._fetch_image(folder, body.fov_id)
+        event = folder.run.event(
+            time=when,
+            fov_id=body.fov_id,
+            kind=body.kind,
+            status=body.status,
+            rescore=folder.has_event(body.fov_id),
+            source=source,
+            daemon_session=session,
+            daemon_seq=seq,
+            data=fov_data(body.fov_id, body.model_dump(mode="json"), body.case),
+        )
+        folder.append(event)
+        log.info(
+            "fov_recorded",
+            case_id=case_id,
+            fov=body.fov_id,
+            status=body.status,
+            score=event.data.score,
+            n_cells=event.data.total,
+            rescore=event.rescore,
+        )
+
+    def _on_overlay(self, body: OverlayBody, message: Message, case_id: str) -> None:
+        folder = self.folder(case_id)
+        if folder.stopped:
+            return
+        layers = dict(zip(body.layers, message.payloads, strict=True))
+        for name, png in layers.items():
+            folder.write_file(f"overlays/{body.fov_id}/{name}.png", png)
+        folder.overlay_layers[body.fov_id] = body.layers
+        self._fetch_image(folder, body.fov_id)
+        try:
+            image = folder.read_file(f"images/{body.fov_id}.png")
+            composed = compose_overlay(image, layers, body.width, body.height)
+        except Exception as error:  # a bad layer costs the picture, never the record
+            log.warning("overlay_compose_failed", fov=body.fov_id, error=f"{type(error).__name__}: {error}")
+        else:
+            folder.write_file(f"overlays/{body.fov_id}.png", composed)
+        self._dirty.add(case_id)
+
+    def _fetch_image(self, folder: CaseFolder, fov_id: str) -> None:
+        """Keep the FOV's lossless image: from the daemon (its open case only), else from its state folder."""
+        relative = f"images/{fov_id}.png"
+        if folder.has_file(relative):
+            return
+        if self._control is not None and self._daemon_case == folder.case_id:
+            try:
+                frame = json.dumps({"v": 1, "id": "image", "command": "image", "args": {"fov_id": fov_id}}).encode()
+                reply, frames = self._control.request_raw(frame)
+                if reply.ok and frames:
+                    folder.write_file(relative, frames[0])
+                    return
+                log.warning("image_unavailable", case_id=folder.case_id, fov=fov_id, error=reply.error)
+            except ControlError as error:
+                log.warning("image_unavailable", case_id=folder.case_id, fov=fov_id, error=str(error))
+        if self._daemon_state is not None:
+            stored = self._daemon_state / "cases" / folder.case_id / f"{fov_id}.png"
+            try:
+                folder.write_file(relative, stored.read_bytes())
+                return
+            except OSError:
+                pass
+        log.warning("image_missing", case_id=folder.case_id, fov=fov_id)
+
+    def _fill_from_summary(self, folder: CaseFolder, summary: dict[str, Any]) -> None:
+        """Give each scored/failed FOV of ``summary`` without an event one (after a gap), and fetch its image."""
+        assert folder.run is not None
+        for entry in summary.get("fovs", []):
+            if entry["status"] == "pending" or folder.has_event(entry["fov_id"]):
+                continue
+            self._fetch_image(folder, entry["fov_id"])
+            event = folder.run.event(
+                fov_id=entry["fov_id"],
+                kind=entry["kind"],
+                status=entry["status"],
+                rescore=False,
+                source="snapshot",
+                daemon_session=self.session,
+                daemon_seq=None,
+                data=fov_data(entry["fov_id"], None, summary, entry),
+            )
+            folder.append(event)
+            log.info("fov_recorded_from_snapshot", case_id=folder.case_id, fov=entry["fov_id"])
+        for entry in summary.get("fovs", []):  # images of FOVs whose event was written while an image was missing
+            self._fetch_image(folder, entry["fov_id"])
+
+    def _reconcile(self, case: dict[str, Any]) -> None:
+        """After a replay: the snapshot's case gets events for its unrecorded FOVs; cases that ended unheard stop."""
+        case_id = case.get("case_id")
+        if case_id:
+            folder = self.folder(case_id)
+            if not folder.stopped:
+                self._ensure_start(folder, case)
+                self._record_actions(folder, case)
+                folder.summary = case
+                self._fill_from_summary(folder, case)
+                self._dirty.add(case_id)
+        for state_file in self.out.glob(f"*/{STATE_FILE}"):  # cases the recorder was following before
+            other_id = state_file.parent.name
+            if other_id == case_id:
+                continue
+            try:
+                closed = bool(json.loads(state_file.read_text(encoding="utf-8")).get("closed"))
+            except (OSError, ValueError):
+                continue
+            if not closed:
+                other = self.folder(other_id)
+                if other.run is not None and not other.stopped:
+                    self._abort(other, "the daemon no longer has this case open and its close was not heard")
+
+    def _abort(self, folder: CaseFolder, reason: str) -> None:
+        assert folder.run is not None
+        summary = folder.summary or {}
+        self._fetch_missing(folder, summary)
+        folder.append(folder.run.stop(summary, "abort", reason))
+        folder.save_state(closed=True)
+        self._dirty.add(folder.case_id)
+        log.warning("case_aborted", case_id=folder.case_id, reason=reason)
+
+    def _fetch_missing(self, folder: CaseFolder, summary: dict[str, Any]) -> list[str]:
+        for event in folder.events():
+            self._fetch_image(folder, event.fov_id)
+        return [e.fov_id for e in folder.events() if not folder.has_file(e.data.image)]
+
+    def _finish(self, folder: CaseFolder, summary: dict[str, Any]) -> None:
+        assert folder.run is not None
+        missing = self._fetch_missing(folder, summary)
+        unscored = [f["fov_id"] for f in summary.get("fovs", []) if f["status"] == "pending"]
+        problems = []
+        if missing:
+            problems.append(f"images missing: {', '.join(missing)}")
+        if unscored:
+            problems.append(f"not scored when the case closed: {', '.join(unscored)}")
+        stop = folder.run.stop(
+            summary,
+            "fail" if problems else "success",
+            "; ".join(problems) if problems else "case closed by the pathologist",
+        )
+        folder.append(stop)
+        folder.save_state(closed=True)
+        log.info("case_recorded", case_id=folder.case_id, score=stop.score, exit_status=stop.exit_status)
+
+    def _flush_reports(self) -> None:
+        from clients.report import write_report
+
+        for case_id in sorted(self._dirty):
+            folder = self.folders.get(case_id)
+            if folder is not None and folder.run is not None:
+                try:
+                    folder.write_file(REPORT_FILE, write_report(folder.docs, folder.summary).encode())
+                except Exception as error:  # the report is for people; the log stays the record
+                    log.error("report_failed", case_id=case_id, error=f"{type(error).__name__}: {error}")
+        self._dirty.clear()
+
+
+def compose_overlay(image_png: bytes | None, layers: dict[str, bytes], width: int, height: int) -> bytes:
+    """PNG of the default overlay layers over the image (PNG bytes, BGR) downscaled to the layers' size (over
+    grey when there is no image)."""
+    import cv2
+    import numpy as np
+
+    from scoring.overlay import DEFAULT_LAYERS, compose
+
+    bgr = cv2.imdecode(np.frombuffer(image_png, np.uint8), cv2.IMREAD_COLOR) if image_png else None
+    rgb: Any = np.full((height, width, 3), 200, np.uint8)
+    if bgr is not None:
+        rgb = cv2.cvtColor(cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+    rgba: list[Any] = []
+    for name in DEFAULT_LAYERS:
+        if name in layers:
+            bgra = cv2.imdecode(np.frombuffer(layers[name], np.uint8), cv2.IMREAD_UNCHANGED)
+            if bgra is not None and bgra.ndim == 3 and bgra.shape[2] == 4:
+                rgba.append(cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGBA))
+    composed = compose(np.asarray(rgb, np.uint8), rgba)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(composed, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("could not encode the composed overlay")
+    return bytes(png.tobytes())
