@@ -19,7 +19,9 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import cv2
@@ -33,6 +35,22 @@ from scoring.results import ControlCalibration, FovResult
 
 RowCol = tuple[float, float]
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+
+#: The case summary when no case is open (see docs/protocol.md, "The case summary").
+NO_CASE_SUMMARY: Mapping[str, Any] = MappingProxyType(
+    {
+        "case_id": None,
+        "open": False,
+        "operator": None,
+        "started_at": None,
+        "closed_at": None,
+        "adjustments": [],
+        "fovs": [],
+        "control": None,
+        "case": None,
+    }
+)
 
 
 class CaseError(ValueError):
@@ -386,17 +404,7 @@ class CaseStore:
         """The summary of ``case`` (default: the open case) published with every result and in ``snapshot``."""
         case = case or self._case
         if case is None:
-            return {
-                "case_id": None,
-                "open": False,
-                "operator": None,
-                "started_at": None,
-                "closed_at": None,
-                "adjustments": [],
-                "fovs": [],
-                "control": None,
-                "case": None,
-            }
+            return dict(NO_CASE_SUMMARY)
         scored = [r for r in case.fovs if r.kind == "fov" and r.status == "scored" and not r.excluded]
         results = [r.result for r in scored if r.result is not None]
         case_result = score_case(results, case.rule, case.control)

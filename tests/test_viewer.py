@@ -205,7 +205,7 @@ def with_fov(daemon: Daemonish, state: ViewerState, fov_id: str = "fov-001", kin
 
 
 def big_image_rect(state: ViewerState, shape: tuple[int, int]) -> viewer.Rect:
-    return viewer.fit(viewer._image_area(viewer.layout(SIZE).big), shape)
+    return viewer.fit(viewer.image_area(viewer.layout(SIZE).big), shape)
 
 
 def centre(rect: viewer.Rect) -> tuple[int, int]:
@@ -470,7 +470,7 @@ def test_no_heartbeat_for_three_intervals_shows_not_responding() -> None:
     first = viewer.status_segments(silent)[0][0]
     assert first == "daemon not responding (no heartbeat for 4 s)"
     frame = render(silent, SIZE)
-    row, col = centre(viewer._image_area(viewer.layout(SIZE).big))
+    row, col = centre(viewer.image_area(viewer.layout(SIZE).big))
     np.testing.assert_array_equal(frame[row - 20, col], (40, 40, 150))  # the banner over the live view
     assert "not responding" in viewer.terminal_summary(silent)
     back = apply(silent, daemon.status())
@@ -794,7 +794,7 @@ def window_viewer(daemon: Daemon, display: str, framebuffer: Path, log: Path) ->
 def overlay_shown(framebuffer: Path) -> list[np.ndarray]:
     """``[screen]`` when the big pane shows a FOV with its cells layer, else ``[]`` (a ``wait_for`` predicate)."""
     screen = read_xwd(framebuffer)
-    big = viewer._image_area(viewer.layout(SIZE).big)
+    big = viewer.image_area(viewer.layout(SIZE).big)
     pane = screen[big.y : big.y + big.h, big.x : big.x + big.w].astype(int)
     # the cells layer's rings in the class colours: none of them are stain colours
     rings = sum(
@@ -886,7 +886,7 @@ def test_keys_and_clicks_in_the_real_window_reach_the_daemon(
         shape = (overlay.body.height, overlay.body.width)
 
         xdotool(display, "key", "r")
-        rect = viewer.fit(viewer._image_area(viewer.layout(SIZE).big), shape)  # as `fov_display_rect` places it
+        rect = viewer.fit(viewer.image_area(viewer.layout(SIZE).big), shape)  # as `fov_display_rect` places it
         banner = viewer.Rect(rect.x, rect.y, rect.w, 34)  # drawn once the FOV's size is known: clicks can land
         wait_for(lambda: drawn(read_xwd(framebuffer), banner) > 100, what="the ROI mode's banner in the window")
         fov_shape = (540, 960)  # the simulated camera's frame

@@ -1,0 +1,616 @@
+"""The viewer's immutable state and the pure reducer that changes it on messages, keys and mouse clicks."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from clients.viewer.geometry import DEFAULT_SIZE, Rect, Size, Vertex, display_to_fov, fit, image_area, layout
+from daemon.case_store import NO_CASE_SUMMARY
+from daemon.protocol import (
+    CaptureBody,
+    CaseBody,
+    Message,
+    OverlayBody,
+    PreviewBody,
+    ProtocolError,
+    ResultBody,
+    Topic,
+    decode,
+)
+from scoring.overlay import LAYER_NAMES, compose
+
+Image = npt.NDArray[np.uint8]
+Mode = Literal["view", "roi", "weak", "intense"]
+
+MAX_CACHED_FOVS = 12
+#: Layers shown at start. The daemon's ``panel`` layer is off: the viewer prints the same facts beside the image,
+#: in a font that stays sharp at any size (key 5 shows it).
+VIEWER_LAYERS: tuple[str, ...] = ("cells", "completeness", "region")
+#: No heartbeat for this many intervals: the daemon is taken as gone (protocol.md, section 4.5).
+SILENT_INTERVALS = 3.0
+
+KEY_TAB, KEY_ENTER, KEY_RETURN, KEY_ESC, KEY_BACKSPACE, KEY_DELETE = 9, 13, 10, 27, 8, 127
+LAYER_KEYS: Mapping[str, str] = {str(i + 1): name for i, name in enumerate(LAYER_NAMES)}
+MODE_NAMES: Mapping[Mode, str] = {"roi": "ROI", "weak": "weak-staining region", "intense": "intense region"}
+MODE_COMMANDS: Mapping[Mode, str] = {"roi": "set-roi", "weak": "set-weak", "intense": "set-intense"}
+
+EMPTY_CASE: Mapping[str, Any] = NO_CASE_SUMMARY
+
+
+# --- state --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FovView:
+    """A captured FOV (or control) as the viewer shows it.
+
+    Attributes
+    ----------
+    base : (M, N, 3) uint8 BGR ndarray or None
+        The FOV downscaled for display: the preview at capture, then the lossless image from the daemon.
+    shape : (rows, cols) of the full-resolution FOV, known once its image was fetched; polygons need it.
+    image : whether the lossless image is still ``"wanted"``, ``"fetched"`` or ``"failed"``.
+    layers : overlay layer name -> (H, W, 4) uint8 BGRA ndarray, at the overlay's size.
+    composite : ``base`` with the visible layers blended in, at the overlay's size (None: compute when drawn).
+    """
+
+    fov_id: str
+    kind: str
+    case_id: str | None
+    base: Image | None = None
+    shape: tuple[int, int] | None = None
+    image: Literal["wanted", "fetched", "failed"] = "wanted"
+    layers: Mapping[str, Image] = field(default_factory=dict)
+    overlay_seq: int = -1
+    composite: Image | None = None
+    composite_layers: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ViewerState:
+    """Everything the viewer shows; built by ``apply`` from the messages it received (``now``: monotonic s)."""
+
+    now: float = 0.0
+    started_at: float = 0.0
+    heartbeat_s: float = 1.0
+    session: str | None = None
+    last_seq: int = 0
+    topic_seqs: Mapping[str, int] = field(default_factory=dict)
+    resync: Literal["snapshot", "replay"] | None = "snapshot"
+    last_heard: float | None = None
+    status: Mapping[str, Any] | None = None
+    status_seq: int = 0
+    case: Mapping[str, Any] = field(default_factory=lambda: EMPTY_CASE)
+    preview: Image | None = None
+    preview_frame_index: int = -1
+    preview_session: str | None = None
+    preview_body: Mapping[str, Any] | None = None
+    fovs: Mapping[str, FovView] = field(default_factory=dict)
+    results: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    shown_fov: str | None = None
+    big: Literal["live", "fov"] = "live"
+    big_follows: bool = True
+    visible_layers: tuple[str, ...] = VIEWER_LAYERS
+    mode: Mode = "view"
+    mode_fov: str | None = None
+    polygon: tuple[Vertex, ...] = ()
+    hover: tuple[int, int] | None = None
+    notice: str = ""
+    notice_error: bool = False
+    malformed: int = 0
+    last_malformed: str = ""
+
+
+def initial_state(now: float, heartbeat_s: float = 1.0) -> ViewerState:
+    """The state before anything was received; ``heartbeat_s`` is the daemon's status interval."""
+    return ViewerState(now=now, started_at=now, heartbeat_s=heartbeat_s, notice="connecting to the daemon…")
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """The clock moved on (monotonic seconds)."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The reply to ``snapshot``: ``{"last_seq", "session", "case", "status"}``."""
+
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFetched:
+    """The reply to ``image``: the FOV's lossless image (BGR), or None and an error when it could not be had."""
+
+    fov_id: str
+    image: Image | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Replied:
+    """The daemon's reply to a command the viewer sent."""
+
+    command: str
+    ok: bool
+    data: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Click:
+    """A left click at display pixel ``(x, y)`` of a canvas of ``size``."""
+
+    x: int
+    y: int
+    size: Size = DEFAULT_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Hover:
+    """The mouse moved to display pixel ``(x, y)`` of a canvas of ``size``."""
+
+    x: int
+    y: int
+    size: Size = DEFAULT_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """An action: send ``command`` with ``args`` to the daemon's control endpoint."""
+
+    command: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """An action: close the viewer."""
+
+
+Event = Message | Sequence[bytes] | Tick | Snapshot | ImageFetched | Replied | Click | Hover
+Action = Send | Quit
+
+
+# --- the reducer --------------------------------------------------------------------------------------------------
+
+
+def apply(state: ViewerState, event: Event) -> ViewerState:
+    """The state after ``event``; a malformed message is counted and skipped, it never raises."""
+    match event:
+        case Tick(now=now):
+            return dataclasses.replace(state, now=now)
+        case Snapshot():
+            return _guard(state, lambda: _apply_snapshot(state, event.data), "snapshot")
+        case ImageFetched():
+            return _guard(state, lambda: _apply_image(state, event), "image")
+        case Replied():
+            return _apply_reply(state, event)
+        case Click():
+            return _apply_click(state, event)
+        case Hover(x=x, y=y):
+            return dataclasses.replace(state, hover=(x, y)) if state.mode != "view" else state
+        case Message():
+            return _guard(state, lambda: _apply_message(state, event), event.header.topic.value)
+    try:
+        message = decode(event)
+    except ProtocolError as error:
+        return _malformed(state, str(error))
+    return apply(state, message)
+
+
+def _guard(state: ViewerState, update: Callable[[], ViewerState], what: str) -> ViewerState:
+    try:
+        return update()
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, cv2.error) as error:
+        return _malformed(state, f"{what}: {type(error).__name__}: {error}")
+
+
+def _malformed(state: ViewerState, reason: str) -> ViewerState:
+    return dataclasses.replace(state, malformed=state.malformed + 1, last_malformed=reason[:160])
+
+
+def _apply_message(state: ViewerState, message: Message) -> ViewerState:
+    header = message.header
+    if header.session and header.session != state.session and state.session is not None:
+        # the daemon restarted: its sequence numbers start again; a snapshot replaces what we knew
+        state = dataclasses.replace(state, session=header.session, last_seq=0, topic_seqs={}, resync="snapshot")
+    elif state.session is None and header.session:
+        state = dataclasses.replace(state, session=header.session)
+    topic = header.topic
+    if topic == Topic.PREVIEW:
+        return _apply_preview(state, message)
+    if header.seq <= state.last_seq:
+        # already part of the snapshot; overlays are not in snapshots, so an older one is still welcome
+        return _apply_overlay(state, message) if topic == Topic.OVERLAY else state
+    known = state.topic_seqs.get(topic.value)
+    if known is not None and header.topic_seq > known + 1 and state.resync is None:
+        return dataclasses.replace(state, resync="replay")  # not applied: the replay brings it, in order
+    state = dataclasses.replace(
+        state, last_seq=header.seq, topic_seqs={**state.topic_seqs, topic.value: header.topic_seq}
+    )
+    match topic:
+        case Topic.STATUS:
+            return dataclasses.replace(
+                state, status=message.body.model_dump(), status_seq=header.seq, last_heard=state.now
+            )
+        case Topic.CAPTURE:
+            return _apply_capture(state, message)
+        case Topic.RESULT:
+            body = message.body
+            assert isinstance(body, ResultBody)
+            state = _with_case(state, dict(body.case))
+            if body.result is None or header.case_id != state.case.get("case_id"):
+                return state
+            return dataclasses.replace(state, results={**state.results, body.fov_id: _result_facts(body.result)})
+        case Topic.CASE:
+            case_body = message.body
+            assert isinstance(case_body, CaseBody)
+            state = _with_case(state, dict(case_body.case))
+            return with_notice(state, f"case {case_body.case.get('case_id')} {case_body.event}")
+        case Topic.OVERLAY:
+            return _apply_overlay(state, message)
+    return state
+
+
+def _result_facts(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    """What the viewer prints about a scored FOV (a FovResult without its cell list)."""
+    call = result["call"]
+    return {
+        "score": call["score"],
+        "status": call["status"],
+        "her2_low": call["her2_low"],
+        "reason": call["reason"],
+        "counts": dict(result["counts"]),
+        "percentages": dict(result["percentages"]),
+        "intense_threshold_od": float(result["intense_threshold_od"]),
+        "intense_threshold_source": str(result["intense_threshold_source"]),
+        "weak_threshold_od": float(result["weak_threshold_od"]),
+        "warnings": [str(w) for w in result["warnings"]],
+    }
+
+
+def _with_case(state: ViewerState, case: Mapping[str, Any]) -> ViewerState:
+    if not isinstance(case.get("fovs", []), list):
+        raise TypeError("case summary 'fovs' is not a list")
+    case_id = case.get("case_id")
+    fovs, results = state.fovs, state.results
+    if case_id is not None and case_id != state.case.get("case_id"):
+        fovs = {k: v for k, v in fovs.items() if v.case_id == case_id}  # FOV ids start again in every case
+        results = {}
+    shown = state.shown_fov if state.shown_fov in fovs else None
+    return dataclasses.replace(state, case=case, fovs=fovs, results=results, shown_fov=shown)
+
+
+def _apply_snapshot(state: ViewerState, data: Mapping[str, Any]) -> ViewerState:
+    state = _with_case(state, dict(data["case"]))
+    return dataclasses.replace(
+        state,
+        session=str(data["session"]),
+        last_seq=int(data["last_seq"]),
+        topic_seqs={},
+        resync=None,
+        status=dict(data["status"]),
+        status_seq=int(data["last_seq"]),
+        last_heard=state.now,
+        notice="connected to the daemon" if state.notice.startswith("connecting") else state.notice,
+    )
+
+
+def _decode_image(data: bytes, flags: int) -> Image:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
+    if image is None:
+        raise ValueError("an image payload cannot be decoded")
+    decoded: Image = np.asarray(image, dtype=np.uint8)
+    decoded.flags.writeable = False  # state is immutable: nothing draws into a received image
+    return decoded
+
+
+def _apply_preview(state: ViewerState, message: Message) -> ViewerState:
+    body = message.body
+    assert isinstance(body, PreviewBody)
+    same_session = message.header.session == state.preview_session
+    if same_session and body.frame_index <= state.preview_frame_index:
+        return state  # stale: an older frame never replaces a newer one
+    image = _decode_image(message.payload("preview"), cv2.IMREAD_COLOR)
+    big, follows = state.big, state.big_follows
+    if follows and big == "fov" and body.stability == "moving" and state.mode == "view":
+        big = "live"  # the slide moves again: back to the live view
+    return dataclasses.replace(
+        state,
+        preview=image,
+        preview_frame_index=body.frame_index,
+        preview_session=message.header.session,
+        preview_body=body.model_dump(),
+        big=big,
+    )
+
+
+def _apply_capture(state: ViewerState, message: Message) -> ViewerState:
+    body = message.body
+    assert isinstance(body, CaptureBody)
+    fov = FovView(body.fov_id, body.kind, message.header.case_id, base=state.preview)
+    state = _store_fov(state, fov)
+    if state.mode != "view":
+        return state
+    big = "fov" if state.big_follows else state.big
+    return _show(dataclasses.replace(state, big=big), body.fov_id)
+
+
+def _apply_overlay(state: ViewerState, message: Message) -> ViewerState:
+    body = message.body
+    assert isinstance(body, OverlayBody)
+    fov = state.fovs.get(body.fov_id)
+    if fov is not None and fov.case_id != message.header.case_id:
+        fov = None  # an id of an earlier case
+    if fov is not None and fov.overlay_seq >= message.header.seq:
+        return state
+    if fov is None:
+        if message.header.case_id != state.case.get("case_id"):
+            return state
+        fov = FovView(body.fov_id, body.kind, message.header.case_id)
+    layers: dict[str, Image] = {}
+    for name in body.layers:
+        layer = _decode_image(message.payload(name), cv2.IMREAD_UNCHANGED)
+        if layer.ndim != 3 or layer.shape[2] != 4 or layer.shape[:2] != (body.height, body.width):
+            raise ValueError(f"overlay layer {name!r} is {layer.shape}, expected ({body.height}, {body.width}, 4)")
+        layers[name] = layer
+    base = fov.base
+    if base is not None and base.shape[1] > body.width:  # keep it at the overlay's size: less to blend per frame
+        base = np.asarray(cv2.resize(base, (body.width, body.height), interpolation=cv2.INTER_AREA), np.uint8)
+        base.flags.writeable = False
+    fov = dataclasses.replace(fov, base=base, layers=layers, overlay_seq=message.header.seq, composite=None)
+    state = _store_fov(state, fov)
+    return _show(state, body.fov_id) if state.shown_fov is None else _refresh_composite(state)
+
+
+def _apply_image(state: ViewerState, event: ImageFetched) -> ViewerState:
+    fov = state.fovs.get(event.fov_id)
+    if fov is None:
+        return state
+    if event.image is None:
+        fov = dataclasses.replace(fov, image="failed")
+        state = with_notice(state, f"the image of {event.fov_id} is not available: {event.error}", error=True)
+        return _store_fov(state, fov)
+    rows, cols = event.image.shape[:2]
+    layer = next(iter(fov.layers.values()), None)
+    width = layer.shape[1] if layer is not None else min(cols, 1280)
+    base = event.image
+    if width < cols:
+        base = np.asarray(cv2.resize(base, (width, max(1, round(rows * width / cols))), interpolation=cv2.INTER_AREA))
+    base.flags.writeable = False
+    fov = dataclasses.replace(fov, base=base, shape=(rows, cols), image="fetched", composite=None)
+    return _refresh_composite(_store_fov(state, fov))
+
+
+def _store_fov(state: ViewerState, fov: FovView) -> ViewerState:
+    fovs = {k: v for k, v in state.fovs.items() if k != fov.fov_id}
+    fovs[fov.fov_id] = fov  # most recent last
+    keep = {state.shown_fov, state.mode_fov, fov.fov_id}
+    while len(fovs) > MAX_CACHED_FOVS:
+        oldest = next(k for k in fovs if k not in keep)
+        del fovs[oldest]
+    return dataclasses.replace(state, fovs=fovs)
+
+
+def _show(state: ViewerState, fov_id: str | None) -> ViewerState:
+    return _refresh_composite(dataclasses.replace(state, shown_fov=fov_id))
+
+
+def _refresh_composite(state: ViewerState) -> ViewerState:
+    """Keep the shown FOV's composite up to date (so that rendering it is a resize)."""
+    fov = state.fovs.get(state.shown_fov or "")
+    if fov is None or (fov.composite is not None and fov.composite_layers == state.visible_layers):
+        return state
+    composite = composite_image(fov, state.visible_layers)
+    if composite is None:
+        return state
+    composite.flags.writeable = False
+    fov = dataclasses.replace(fov, composite=composite, composite_layers=state.visible_layers)
+    return dataclasses.replace(state, fovs={**state.fovs, fov.fov_id: fov})
+
+
+def image_wanted(state: ViewerState) -> str | None:
+    """The FOV whose lossless image should be fetched now, if any: the shown one, once it is needed.
+
+    Until its overlay is there the preview at capture stands in for it, and the daemon, which encodes a FOV it has
+    not written to disk yet, is only asked once a heartbeat after the overlay says every image is on disk. Drawing a
+    region needs the FOV's size: then it is fetched at once.
+    """
+    fov = state.fovs.get(state.shown_fov or "")
+    if fov is None or fov.image != "wanted" or not daemon_responding(state):
+        return None
+    if state.mode != "view" and state.mode_fov == fov.fov_id:
+        return fov.fov_id
+    written = state.status_seq > fov.overlay_seq and not (state.status or {}).get("unsaved_images")
+    return fov.fov_id if fov.layers and written else None
+
+
+def composite_image(fov: FovView, visible: Sequence[str]) -> Image | None:
+    """The FOV's base image with its ``visible`` overlay layers blended in (BGR), at the overlay's size.
+
+    Without layers it is the base image; without a base image the layers are drawn on dark grey; None when
+    there is neither.
+    """
+    layer = next(iter(fov.layers.values()), None)
+    if layer is None:
+        return None if fov.base is None else np.array(fov.base)
+    rows, cols = layer.shape[:2]
+    if fov.base is None:
+        base = np.full((rows, cols, 3), 60, np.uint8)
+    elif fov.base.shape[:2] != (rows, cols):
+        base = np.asarray(cv2.resize(fov.base, (cols, rows), interpolation=cv2.INTER_AREA), dtype=np.uint8)
+    else:
+        base = np.asarray(fov.base, dtype=np.uint8)
+    names = [name for name in LAYER_NAMES if name in visible and name in fov.layers]
+    return compose(base, [fov.layers[name] for name in names])
+
+
+def with_notice(state: ViewerState, text: str, error: bool = False) -> ViewerState:
+    """The state with ``text`` as its notice, the line under the big view (shown as an error when ``error``)."""
+    return dataclasses.replace(state, notice=text, notice_error=error)
+
+
+def _apply_reply(state: ViewerState, reply: Replied) -> ViewerState:
+    if not reply.ok:
+        return with_notice(state, f"{reply.command} failed: {reply.error}", error=True)
+    data = reply.data
+    match reply.command:
+        case "capture" | "capture-control":
+            return with_notice(state, f"captured {data.get('fov_id')}: scoring…")
+        case "start-case":
+            return with_notice(state, f"case {data.get('case_id')} started")
+        case "close-case":
+            return with_notice(state, f"case {data.get('case_id')} closed")
+        case "auto-capture":
+            return with_notice(state, f"auto-capture {'on' if data.get('auto_capture') else 'off'}")
+        case "set-roi" | "set-intense":
+            return with_notice(state, f"{reply.command} sent for {data.get('fov_id')}: re-scoring…")
+        case "set-weak":
+            return with_notice(state, f"weak threshold {data.get('weak_threshold_od', 0):.3f} OD: re-scoring all FOVs…")
+        case "exclude" | "include":
+            return with_notice(state, f"{data.get('fov_id')} {'excluded' if data.get('excluded') else 'included'}")
+    return state
+
+
+# --- keys and mouse -----------------------------------------------------------------------------------------------
+
+
+def press(state: ViewerState, key: int) -> tuple[ViewerState, tuple[Action, ...]]:
+    """The state after a key press and the actions it asks for (commands to send, quitting)."""
+    char = chr(key) if 32 <= key < 127 else ""
+    if char == "q":
+        return state, (Quit(),)
+    if key == KEY_ESC:
+        return with_notice(_leave_mode(state), "cancelled" if state.mode != "view" else ""), ()
+    if state.mode != "view":
+        if key in (KEY_ENTER, KEY_RETURN):
+            return _finish_polygon(state)
+        if key in (KEY_BACKSPACE, KEY_DELETE):
+            return dataclasses.replace(state, polygon=state.polygon[:-1]), ()
+    if char in LAYER_KEYS:
+        name = LAYER_KEYS[char]
+        shown = set(state.visible_layers) ^ {name}
+        visible = tuple(n for n in LAYER_NAMES if n in shown)
+        on = "on" if name in visible else "off"
+        return with_notice(_refresh_composite(dataclasses.replace(state, visible_layers=visible)), f"{name} {on}"), ()
+    if key == KEY_TAB:
+        if state.big == "live" and state.shown_fov is None:
+            return with_notice(state, "no FOV captured yet: press space to capture one"), ()
+        return dataclasses.replace(state, big="fov" if state.big == "live" else "live", big_follows=False), ()
+    modes: Mapping[str, Mode] = {"r": "roi", "w": "weak", "i": "intense"}
+    if char in modes:
+        return _enter_mode(state, modes[char]), ()
+    commands: Mapping[str, Send] = {
+        " ": Send("capture"),
+        "c": Send("capture"),
+        "k": Send("capture-control"),
+        "n": Send("start-case"),
+        "x": Send("close-case"),
+    }
+    if char in commands:
+        return with_notice(state, f"{commands[char].command}…"), (commands[char],)
+    if char == "a":
+        enabled = not bool((state.status or {}).get("auto_capture", True))
+        return state, (Send("auto-capture", {"enabled": enabled}),)
+    if char == "e" and state.shown_fov is not None:
+        entry = case_entry(state, state.shown_fov)
+        command = "include" if entry is not None and entry.get("excluded") else "exclude"
+        return state, (Send(command, {"fov_id": state.shown_fov}),)
+    return state, ()
+
+
+def case_entry(state: ViewerState, fov_id: str) -> Mapping[str, Any] | None:
+    return next((f for f in state.case.get("fovs") or [] if f.get("fov_id") == fov_id), None)
+
+
+def _enter_mode(state: ViewerState, mode: Mode) -> ViewerState:
+    if mode == "intense":
+        target = next((f for f in reversed(list(state.fovs.values())) if f.kind == "control"), None)
+        if target is None:
+            return with_notice(state, "no positive control shown yet: press k to capture the control", error=True)
+    elif mode == "roi":
+        shown = state.fovs.get(state.shown_fov or "")
+        target = shown if shown is not None and shown.kind == "fov" else None
+        target = target or next((f for f in reversed(list(state.fovs.values())) if f.kind == "fov"), None)
+        if target is None:
+            return with_notice(state, "no tumour FOV yet: press space to capture one", error=True)
+    else:
+        target = state.fovs.get(state.shown_fov or "")
+        if target is None:
+            return with_notice(state, "no FOV captured yet: press space to capture one", error=True)
+    state = _show(state, target.fov_id)
+    return dataclasses.replace(
+        state,
+        mode=mode,
+        mode_fov=target.fov_id,
+        polygon=(),
+        big="fov",
+        notice=f"{MODE_NAMES[mode]} on {target.fov_id}: click the corners, enter to send, esc to cancel",
+        notice_error=False,
+    )
+
+
+def _leave_mode(state: ViewerState) -> ViewerState:
+    return dataclasses.replace(state, mode="view", mode_fov=None, polygon=(), hover=None)
+
+
+def _finish_polygon(state: ViewerState) -> tuple[ViewerState, tuple[Action, ...]]:
+    if len(state.polygon) < 3:
+        return with_notice(state, "a region needs at least 3 corners (esc cancels)", error=True), ()
+    polygon = [[round(row, 1), round(col, 1)] for row, col in state.polygon]
+    command = MODE_COMMANDS[state.mode]
+    send = Send(command, {"fov_id": state.mode_fov, "polygon": polygon})
+    return with_notice(_leave_mode(state), f"{command} {state.mode_fov}…"), (send,)
+
+
+def _apply_click(state: ViewerState, click: Click) -> ViewerState:
+    if state.mode == "view":
+        return state
+    fov = state.fovs.get(state.mode_fov or "")
+    rect = fov_display_rect(state, click.size)
+    if fov is None or rect is None:
+        return state
+    if fov.shape is None:
+        return with_notice(state, f"waiting for the image of {fov.fov_id} (its size is not known yet)", error=True)
+    vertex = display_to_fov((click.x, click.y), rect, fov.shape)
+    if vertex is None:
+        return with_notice(state, "click inside the FOV", error=True)
+    return dataclasses.replace(state, polygon=(*state.polygon, vertex), hover=(click.x, click.y))
+
+
+# --- the daemon's heartbeat and the shown FOV's place -------------------------------------------------------------
+
+
+def silence_s(state: ViewerState) -> float:
+    """Seconds since the daemon was last heard from (its status heartbeat, or a snapshot)."""
+    return state.now - (state.last_heard if state.last_heard is not None else state.started_at)
+
+
+def daemon_responding(state: ViewerState) -> bool:
+    """Whether a heartbeat came within the last ``SILENT_INTERVALS`` heartbeat intervals."""
+    return state.last_heard is not None and silence_s(state) <= SILENT_INTERVALS * state.heartbeat_s
+
+
+def fov_display_rect(state: ViewerState, size: Size) -> Rect | None:
+    """Where the shown FOV is drawn when it is in the big pane (None: no FOV image to show)."""
+    fov = state.fovs.get(state.shown_fov or "")
+    if fov is None or state.big != "fov":
+        return None
+    shape = _fov_display_shape(fov)
+    return None if shape is None else fit(image_area(layout(size).big), shape)
+
+
+def _fov_display_shape(fov: FovView) -> tuple[int, int] | None:
+    layer = next(iter(fov.layers.values()), None)
+    source = layer if layer is not None else fov.base
+    return None if source is None else (source.shape[0], source.shape[1])
