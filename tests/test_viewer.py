@@ -669,7 +669,9 @@ def test_the_viewer_follows_a_control_capture(driven: Driven, daemon: Daemon) ->
     state = driven.until(lambda s: bool((s.status or {}).get("control_calibrated")), "the calibration")
     texts = [line.text for line in viewer.panel_lines(state)]
     assert any(t.startswith(f"{fov_id}: calibrated") for t in texts)
-    assert "control calibrated" in [text for text, _ in viewer.status_segments(state)]
+    segments = [text for text, _ in viewer.status_segments(state)]
+    assert "control calibrated" in segments
+    assert "20x (0.5 µm/px)" in segments  # the objective in use, from the daemon's status
     daemon.control.call("stage", action="goto-field", field=1)
     arrive(daemon, "field 1")
     fov_id = driven.capture()

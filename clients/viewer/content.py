@@ -60,6 +60,8 @@ def status_segments(state: ViewerState) -> list[tuple[str, BGR]]:
     fps = camera.get("fps")
     fps_text = f" {fps:.1f} fps" if isinstance(fps, int | float) and camera_state == "live" else ""
     segments.append((f"camera {camera_state}{fps_text}", GOOD if camera_state == "live" else BAD))
+    if status.get("objective"):
+        segments.append((f"{status['objective']} ({status.get('pixel_size_um', '?')} µm/px)", TEXT))
     stability = str((state.preview_body or {}).get("stability") or status.get("stability", "?"))
     segments.append((stability, STABILITY_COLOURS.get(stability, MUTED)))
     calibrated = bool(status.get("control_calibrated"))
