@@ -352,3 +352,64 @@ def test_sigterm_stops_cleanly_and_a_restart_resumes_the_case(daemon: Daemon, tm
         assert announced[0].body.params["weak_threshold_od"] > 0  # type: ignore[attr-defined]
     finally:
         assert restarted.stop() == 0
+
+
+def test_a_corrupt_saved_case_does_not_stop_the_daemon(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    case_dir = state / "cases" / "broken"
+    case_dir.mkdir(parents=True)
+    (case_dir / "case.json").write_text('{"case_id": "broken", "fovs": [tru')  # torn by a crash or a full disk
+    (state / "current").write_text("broken")
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG.format(state=state))
+    running = Daemon(state, config, tmp_path / "daemon.log")
+    try:
+        assert running.control.call("snapshot")["case"]["case_id"] is None  # nothing resumed, nothing lost
+        assert (case_dir / "case.json").read_text().startswith('{"case_id": "broken"')  # left for a person to see
+        failed = [e for e in running.logs() if e.get("event") == "case_resume_failed"]
+        assert failed and "broken" in str(failed[0]["error"])
+        assert running.control.call("start-case", case_id="next")["case_id"] == "next"
+    finally:
+        assert running.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("config_text", "message"),
+    [
+        ('[daemon.camera]\nkind = "webcam"\n', "camera kind must be one of"),
+        ("[daemon.zmq]\npublish = 'tcp://10.0.0.1:5560'\n", "not loopback"),
+    ],
+)
+def test_bad_daemon_configurations_exit_with_a_clear_message(tmp_path: Path, config_text: str, message: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(config_text + f'\n[daemon.state]\ndirectory = "{tmp_path / "state"}"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "daemon", "--config", str(config), "--json-logs"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_a_camera_that_cannot_open_is_reported_and_retried_not_fatal(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "config.toml"
+    missing = tmp_path / "no-such-folder"
+    config.write_text(
+        f'[daemon.camera]\nkind = "replay"\npath = "{missing}"\n'
+        f"[daemon.watchdog]\nreopen_interval_ms = 200\n"
+        f'[daemon.zmq]\npublish = "tcp://127.0.0.1:*"\ncontrol = "tcp://127.0.0.1:*"\n'
+        f'[daemon.state]\ndirectory = "{state}"\n'
+    )
+    running = Daemon(state, config, tmp_path / "daemon.log")
+    try:
+        camera = running.control.call("status")["camera"]
+        assert camera["state"] in ("opening", "lost")
+        wait_for(lambda: running.control.call("status")["camera"]["last_error"], what="the camera's error")
+        assert str(missing) in running.control.call("status")["camera"]["last_error"]
+        with pytest.raises(ControlError, match="no live frame to capture"):
+            running.control.call("capture")
+    finally:
+        assert running.stop() == 0
