@@ -90,27 +90,9 @@ def remove_small(mask: BoolArray, min_area_px: float) -> BoolArray:
     return _drop_small_components(mask, min_area_px, connectivity=8)
 
 
-def fill_small_holes(mask: BoolArray, max_area_px: float) -> BoolArray:
-    """``mask`` with its holes (4-connected background pockets enclosed by it) smaller than ``max_area_px`` filled.
-
-    Border following treats such pockets as contours of their own; filling those too small to matter first
-    makes it much faster and changes no larger contour or its hierarchy.
-    """
-    if max_area_px <= 1 or not mask.any():
-        return mask
-    background = ~mask
-    kept_background = _drop_small_components(background, max_area_px, connectivity=4, keep_touching_border=True)
-    return ~kept_background
-
-
-def _drop_small_components(
-    mask: BoolArray, min_area_px: float, connectivity: int, keep_touching_border: bool = False
-) -> BoolArray:
+def _drop_small_components(mask: BoolArray, min_area_px: float, connectivity: int) -> BoolArray:
     _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=connectivity)
     areas = np.bincount(labels.ravel())
     keep = areas >= min_area_px
-    if keep_touching_border:
-        for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
-            keep[edge] = True
     keep[0] = False  # label 0 is what is not in mask
     return np.take(keep, np.asarray(labels))

@@ -103,12 +103,30 @@ def test_within_coarse_is_at_most_one_coarse_pixel_generous() -> None:
     assert exact.sum() <= coarse.sum() <= exact.sum() + 2
 
 
-def test_remove_small_and_fill_small_holes() -> None:
+def test_remove_small_drops_specks_only() -> None:
     mask = np.zeros((60, 60), bool)
     mask[5, 5] = True  # a speck
     mask[20:40, 20:40] = True
     mask[30, 30] = False  # a pinhole
     cleaned = morphology.remove_small(mask, 4)
     assert not cleaned[5, 5] and cleaned[25, 25]
-    filled = morphology.fill_small_holes(mask, 4)
-    assert filled[30, 30] and not filled[50, 50]  # the pinhole filled, the outside not
+    assert not cleaned[30, 30]  # a hole is not a component: it stays a hole
+
+
+def test_polygon_areas_and_centroids_match_opencv_moments() -> None:
+    from scoring.membranes import _polygon_areas_and_centroids
+
+    rng = np.random.default_rng(0)
+    contours = []
+    for _ in range(50):
+        mask = np.zeros((80, 80), np.uint8)
+        centre = tuple(int(v) for v in rng.integers(20, 60, 2))
+        axes = tuple(int(v) for v in rng.integers(3, 15, 2))
+        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        found, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        contours.append(found[0])
+    area, centre_rc = _polygon_areas_and_centroids(contours)
+    for contour, a, (row, col) in zip(contours, area, centre_rc, strict=True):
+        moments = cv2.moments(contour)
+        assert a == pytest.approx(moments["m00"])
+        assert (row, col) == pytest.approx((moments["m01"] / moments["m00"], moments["m10"] / moments["m00"]))
