@@ -71,21 +71,45 @@ class RecorderProcess:
 
 
 class Setup:
-    """The module's daemon, its config file and where recorders write."""
+    """A daemon (the module's, or a test's own), its config file and where recorders write."""
 
-    def __init__(self, root: Path) -> None:
+    daemon: Daemon
+
+    def __init__(self, root: Path, *, start_daemon: bool = True) -> None:
         self.root = root
         self.state = root / "state"
         self.config = root / "config.toml"
         self.config.write_text(CONFIG.format(state=self.state))
         self.out = root / "cases"
-        self.daemon = Daemon(self.state, self.config, root / "daemon.log")
+        self._daemons: list[Daemon] = []
+        self._recorders: list[RecorderProcess] = []
+        if start_daemon:
+            self.start_daemon()
+
+    def start_daemon(self) -> Daemon:
+        """A daemon on the state folder (a restart resumes its open case), on new random ports, auto-capture off."""
+        self.daemon = Daemon(self.state, self.config, self.root / f"daemon-{len(self._daemons) + 1}.log")
+        self._daemons.append(self.daemon)
         self.daemon.control.call("auto-capture", enabled=False)
-        self._recorders = 0
+        return self.daemon
 
     def recorder(self) -> RecorderProcess:
-        self._recorders += 1
-        return RecorderProcess(self.config, self.out, self.state, self.root / f"recorder-{self._recorders}.log")
+        recorder = RecorderProcess(
+            self.config, self.out, self.state, self.root / f"recorder-{len(self._recorders) + 1}.log"
+        )
+        self._recorders.append(recorder)
+        return recorder
+
+    def close(self) -> None:
+        """Stop every process this setup started that still runs (a stopped daemon is continued first)."""
+        for recorder in self._recorders:
+            if not recorder.log.closed:
+                recorder.stop()
+        for daemon in self._daemons:
+            if daemon.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    daemon.process.send_signal(signal.SIGCONT)
+                daemon.stop()
 
 
 def start_daemon_setup(root: Path) -> Setup:
@@ -96,8 +120,17 @@ def start_daemon_setup(root: Path) -> Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     running = start_daemon_setup(tmp_path_factory.mktemp("recorder"))
     yield running
-    if running.daemon.process.poll() is None:
-        running.daemon.stop()
+    running.close()
+
+
+@pytest.fixture
+def own_setup(tmp_path: Path) -> Iterator[Setup]:
+    """A test's own state folder and config, no daemon yet: for tests that stop, restart or start it late."""
+    bench = Setup(tmp_path, start_daemon=False)
+    try:
+        yield bench
+    finally:
+        bench.close()
 
 
 def capture(daemon: Daemon, target: str) -> str:
@@ -153,6 +186,15 @@ def daemon_image(daemon: Daemon, fov_id: str) -> bytes:
     reply, frames = daemon.control.request_raw(frame)
     assert reply.ok, reply.error
     return frames[0]
+
+
+def step_recorder_until(recorder: Any, predicate: Any, what: str) -> None:
+    """Drive an in-process recorder until ``predicate()``."""
+    deadline = time.monotonic() + 30
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        recorder.step(100)
 
 
 def test_a_whole_case_is_recorded(setup: Setup) -> None:
@@ -295,11 +337,7 @@ def test_a_full_disk_is_reported_and_corrupts_nothing(setup: Setup, monkeypatch:
     )
 
     def step_until(predicate: Any, what: str) -> None:
-        deadline = time.monotonic() + 30
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            recorder.step(100)
+        step_recorder_until(recorder, predicate, what)
 
     try:
         daemon.control.call("start-case", case_id="rec-disk")
@@ -331,6 +369,228 @@ def test_a_full_disk_is_reported_and_corrupts_nothing(setup: Setup, monkeypatch:
         assert read_docs(case_dir)[0]["doc"] == "start"
         daemon.control.call("close-case")
         step_until(lambda: has_stop(read_docs(case_dir)), "the stop")
+    finally:
+        recorder.close()
+        with contextlib.suppress(ControlError):
+            daemon.control.call("close-case")
+
+
+# resynchronisation: the daemon appears late, restarts, or falls silent
+
+SILENCE_S = 2.0  # the recorder's silence limit: max(5 heartbeats, 2 s), heartbeat_ms = 300 in CONFIG
+
+
+def wait_for_log(recorder: RecorderProcess, predicate: Any, what: str) -> list[dict[str, Any]]:
+    """Poll the recorder's JSON log until ``predicate(entries)``; fail if the recorder exits meanwhile."""
+
+    def ready() -> list[dict[str, Any]] | None:
+        assert recorder.process.poll() is None, f"the recorder exited ({recorder.process.returncode}) before {what}"
+        entries = recorder.logs()
+        return entries if predicate(entries) else None
+
+    return wait_for(ready, what=what)  # type: ignore[return-value]
+
+
+def logged(name: str, **fields: Any) -> Any:
+    return lambda entries: any(e.get("event") == name and fields.items() <= e.items() for e in entries)
+
+
+def assert_each_message_once(events: list[dict[str, Any]], fov_ids: list[str]) -> None:
+    """Every FOV has exactly one event (none was rescored) and no daemon message has two."""
+    assert sorted(e["fov_id"] for e in events) == sorted(fov_ids)
+    sources = [(e["daemon_session"], e["daemon_seq"]) for e in events if e["daemon_seq"] is not None]
+    assert len(sources) == len(set(sources))
+    assert [e["seq_num"] for e in events] == list(range(1, len(events) + 1))
+
+
+def test_a_recorder_started_before_the_daemon_waits_for_it(own_setup: Setup) -> None:
+    recorder = own_setup.recorder()
+    wait_for_log(recorder, logged("daemon_not_found"), "the recorder to look for the daemon in vain")
+    daemon = own_setup.start_daemon()
+    wait_for_log(recorder, logged("recorder_connected", control=daemon.endpoints["control"]), "the connection")
+    case_dir = own_setup.out / "rec-late"
+    daemon.control.call("start-case", case_id="rec-late")
+    fov = capture(daemon, "field 1")
+    wait_for_docs(case_dir, has_events(fov), "the FOV's event")
+    daemon.control.call("close-case")
+    docs = wait_for_docs(case_dir, has_stop, "the stop document")
+    assert recorder.process.poll() is None
+    assert recorder.stop() == 0
+    assert [d["doc"] for d in docs] == ["start", "descriptor", "event", "stop"]
+    assert docs[0]["params_source"] == "case message" and docs[-1]["exit_status"] == "success", docs[-1]["reason"]
+    assert (case_dir / "images" / f"{fov}.png").read_bytes() == (
+        daemon.state / "cases" / "rec-late" / f"{fov}.png"
+    ).read_bytes()
+
+
+def test_a_daemon_restart_mid_case_loses_and_repeats_nothing(own_setup: Setup) -> None:
+    recorder = own_setup.recorder()
+    daemon = own_setup.start_daemon()
+    wait_for_log(recorder, logged("recorder_sync"), "the recorder to follow the daemon")
+    case_dir = own_setup.out / "rec-restart"
+    daemon.control.call("start-case", case_id="rec-restart")
+    before = [capture(daemon, "control"), capture(daemon, "field 0")]
+    settled(daemon)  # nothing left for the restarted daemon to score again
+    wait_for_docs(case_dir, has_events(*before), "the events before the restart")
+    old_session, old_endpoints = daemon.control.call("snapshot")["session"], daemon.endpoints
+    n_before = len(recorder.logs())
+    assert daemon.stop() == 0
+    entries = wait_for_log(  # silence, then endpoints.json names a dead pid: the recorder retries, it does not exit
+        recorder,
+        lambda es: any(e.get("event") == "daemon_not_found" for e in es[n_before:]),
+        "the recorder to notice the daemon is gone",
+    )
+    names = [e.get("event") for e in entries[n_before:]]
+    assert "daemon_silent" in names[: names.index("daemon_not_found")]
+    daemon = own_setup.start_daemon()  # resumes the case, on new random ports written to endpoints.json
+    session = daemon.control.call("snapshot")["session"]
+    assert session != old_session and daemon.control.call("snapshot")["case"]["case_id"] == "rec-restart"
+    assert daemon.endpoints["control"] != old_endpoints["control"]
+    wait_for_log(recorder, logged("recorder_sync", session=session), "the recorder to follow the new daemon")
+    after = [capture(daemon, "field 2"), capture(daemon, "field 3")]
+    settled(daemon)
+    wait_for_docs(case_dir, has_events(*after), "the events after the restart")
+    closed = daemon.control.call("close-case")["summary"]
+    docs = wait_for_docs(case_dir, has_stop, "the stop document")
+    assert recorder.process.poll() is None  # a daemon restart never ends the recorder
+    assert recorder.stop() == 0
+
+    fov_ids = [*before, *after]
+    events = [d for d in docs if d["doc"] == "event"]
+    assert_each_message_once(events, fov_ids)
+    assert {e["daemon_session"] for e in events if e["fov_id"] in after} == {session}
+    assert [d["doc"] for d in docs].count("start") == 1 and [d["doc"] for d in docs].count("descriptor") == 1
+    assert docs[-1]["doc"] == "stop" and docs[-1]["exit_status"] == "success", docs[-1]["reason"]
+    assert docs[-1]["score"] == closed["case"]["score"] and docs[-1]["control_fov_id"] == before[0]
+    for fov_id in fov_ids:
+        stored = own_setup.state / "cases" / "rec-restart" / f"{fov_id}.png"
+        assert (case_dir / "images" / f"{fov_id}.png").read_bytes() == stored.read_bytes()
+    connected = [e["control"] for e in recorder.logs() if e.get("event") == "recorder_connected"]
+    assert connected[0] == old_endpoints["control"] and connected[-1] == daemon.endpoints["control"]
+
+
+def test_a_silent_daemon_is_resynchronised_without_duplicates(setup: Setup) -> None:
+    daemon = setup.daemon
+    recorder = setup.recorder()
+    case_dir = setup.out / "rec-silent"
+    try:
+        daemon.control.call("start-case", case_id="rec-silent")
+        first = capture(daemon, "field 1")
+        settled(daemon)
+        wait_for_docs(case_dir, has_events(first), "the first event")
+        session = daemon.control.call("snapshot")["session"]
+        wait_for_log(recorder, logged("recorder_sync", why="start"), "the first sync")
+        daemon.process.send_signal(signal.SIGSTOP)  # alive (its pid and ports stay), but it says nothing
+        stopped_at = time.monotonic()
+        try:
+            entries = wait_for_log(recorder, logged("daemon_silent"), "the recorder to notice the silence")
+        finally:
+            daemon.process.send_signal(signal.SIGCONT)
+        assert time.monotonic() - stopped_at >= SILENCE_S
+        silent = next(e for e in entries if e.get("event") == "daemon_silent")
+        assert silent["silent_ms"] >= SILENCE_S * 1000
+        n_silent = len(entries)
+        resynced = wait_for_log(
+            recorder,
+            lambda es: any(e.get("event") == "recorder_sync" for e in es[n_silent:]),
+            "the resync after the silence",
+        )
+        sync = next(e for e in resynced[n_silent:] if e.get("event") == "recorder_sync")
+        assert sync["session"] == session and sync["since_seq"] > 0  # same session: replay from where it was
+        second = capture(daemon, "field 2")
+        settled(daemon)
+        wait_for_docs(case_dir, has_events(second), "the event after the silence")
+        daemon.control.call("close-case")
+        docs = wait_for_docs(case_dir, has_stop, "the stop document")
+        assert recorder.process.poll() is None
+    finally:
+        assert recorder.stop() == 0
+        with contextlib.suppress(ControlError):
+            daemon.control.call("close-case")
+    events = [d for d in docs if d["doc"] == "event"]
+    assert_each_message_once(events, [first, second])
+    assert {e["daemon_session"] for e in events} == {session}
+    assert docs[-1]["exit_status"] == "success", docs[-1]["reason"]
+    assert not any(e.get("event") == "daemon_restarted" for e in recorder.logs())
+
+
+def test_a_case_started_between_the_snapshot_and_the_replay_is_followed(setup: Setup) -> None:
+    """The sync's snapshot predates its replay: a case the replay starts is not "no longer open" (was aborted)."""
+    from clients import recorder as recorder_module
+    from config.scoring import CaseRule, ScoringParams
+
+    daemon = setup.daemon
+    out = setup.root / "race-cases"
+    recorder = recorder_module.Recorder(
+        out,
+        lambda: daemon.endpoints,
+        fallback_params=ScoringParams(),
+        fallback_rule=CaseRule(),
+        daemon_state=setup.state,
+        heartbeat_ms=300,
+    )
+    real_replay, started = recorder._replay, []
+
+    def start_case_then_replay(since: int) -> Any:  # the pathologist starts a case while the recorder syncs
+        if not started:
+            started.append(daemon.control.call("start-case", case_id="rec-race"))
+        return real_replay(since)
+
+    recorder._replay = start_case_then_replay  # type: ignore[method-assign]
+    case_dir = out / "rec-race"
+    try:
+        assert daemon.control.call("snapshot")["case"]["case_id"] is None
+        step_recorder_until(recorder, lambda: recorder.state == "following", "the first sync")
+        assert started and not has_stop(read_docs(case_dir))
+        fov = capture(daemon, "field 0")
+        step_recorder_until(recorder, lambda: has_events(fov)(read_docs(case_dir)), "the FOV's event")
+        daemon.control.call("close-case")
+        step_recorder_until(recorder, lambda: has_stop(read_docs(case_dir)), "the stop")
+    finally:
+        recorder.close()
+        with contextlib.suppress(ControlError):
+            daemon.control.call("close-case")
+    docs = read_docs(case_dir)
+    assert [d["doc"] for d in docs] == ["start", "descriptor", "event", "stop"]
+    assert docs[-1]["exit_status"] == "success", docs[-1]["reason"]
+
+
+def test_a_late_image_reply_is_never_taken_for_the_next_image(setup: Setup) -> None:
+    """An image request that timed out (the daemon stalled) gets its reply later: the next request must not take it.
+
+    The control socket is a DEALER: replies are not matched to requests, so after a timeout the socket is replaced.
+    """
+    from clients import recorder as recorder_module
+    from config.scoring import CaseRule, ScoringParams
+
+    daemon = setup.daemon
+    out = setup.root / "stall-cases"
+    recorder = recorder_module.Recorder(
+        out,
+        lambda: daemon.endpoints,
+        fallback_params=ScoringParams(),
+        fallback_rule=CaseRule(),
+        heartbeat_ms=300,
+        timeout_ms=300,  # no daemon state folder: images come over the control endpoint only
+    )
+    case_dir = out / "rec-stall"
+    try:
+        daemon.control.call("start-case", case_id="rec-stall")
+        fovs = [capture(daemon, "field 1"), capture(daemon, "field 2")]
+        settled(daemon)
+        step_recorder_until(recorder, lambda: has_events(*fovs)(read_docs(case_dir)), "both events")
+        folder = recorder.folders["rec-stall"]
+        for fov_id in fovs:
+            (case_dir / "images" / f"{fov_id}.png").unlink()
+        daemon.process.send_signal(signal.SIGSTOP)
+        try:
+            recorder._fetch_image(folder, fovs[0])  # times out: the daemon answers once it runs again
+        finally:
+            daemon.process.send_signal(signal.SIGCONT)
+        assert not (case_dir / "images" / f"{fovs[0]}.png").exists()
+        wait_for(lambda: daemon.control.call("status"), what="the daemon to answer again (the late reply is sent)")
+        recorder._fetch_image(folder, fovs[1])
+        assert (case_dir / "images" / f"{fovs[1]}.png").read_bytes() == daemon_image(daemon, fovs[1])
     finally:
         recorder.close()
         with contextlib.suppress(ControlError):

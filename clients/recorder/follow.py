@@ -72,6 +72,7 @@ class Recorder:
         self._context: zmq.Context[Any] = zmq.Context()
         self._subscriber: Subscriber | None = None
         self._control: ControlClient | None = None
+        self._control_endpoint = ""
         self.state = LoopState.DISCONNECTED
         self.session: str | None = None
         self.last_seq = 0
@@ -146,7 +147,8 @@ class Recorder:
             self.state = LoopState.DISCONNECTED
             return
         self._subscriber = Subscriber(endpoints["publish"], [t.value for t in TOPICS], context=self._context)
-        self._control = ControlClient(endpoints["control"], timeout_ms=self._timeout_ms, context=self._context)
+        self._control_endpoint = endpoints["control"]
+        self._control = ControlClient(self._control_endpoint, timeout_ms=self._timeout_ms, context=self._context)
         log.info("recorder_connected", **endpoints)
         try:
             self._sync("start")
@@ -175,6 +177,16 @@ class Recorder:
             self.last_seq = self._persisted_seq(session)
         since = self.last_seq
         messages, complete, last_seq = self._replay(since)
+        # The replay ends after the snapshot: when a case was started or closed in between, the snapshot's case is
+        # stale (reconciling with it would abort the case just started): take a newer snapshot and replay on.
+        for _ in range(3):
+            if not any(m.header.topic == Topic.CASE and m.header.seq > snapshot["last_seq"] for m in messages):
+                break
+            snapshot = self._control.call("snapshot")
+            if str(snapshot["session"]) != session:
+                raise ControlError("the daemon restarted during the sync")
+            more, more_complete, last_seq = self._replay(last_seq)
+            messages, complete = [*messages, *more], complete and more_complete
         log.info("recorder_sync", why=why, session=session, since_seq=since, replayed=len(messages), complete=complete)
         self._daemon_case = snapshot["case"].get("case_id")
         for message in messages:
@@ -406,6 +418,11 @@ class Recorder:
                 log.warning("image_unavailable", case_id=folder.case_id, fov=fov_id, error=reply.error)
             except ControlError as error:
                 log.warning("image_unavailable", case_id=folder.case_id, fov=fov_id, error=str(error))
+                # a DEALER does not match replies to requests: a late reply would be taken for the next request's
+                self._control.close()
+                self._control = ControlClient(
+                    self._control_endpoint, timeout_ms=self._timeout_ms, context=self._context
+                )
         if self._daemon_state is not None:
             stored = self._daemon_state / "cases" / folder.case_id / f"{fov_id}.png"
             try:
