@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,15 @@ from typing import Any
 import zmq
 
 from daemon.protocol import Message, ProtocolError, Reply, decode
+
+
+def _request_id(frame: bytes) -> str:
+    try:
+        document = json.loads(frame)
+    except (UnicodeDecodeError, ValueError):
+        return ""
+    identifier = document.get("id") if isinstance(document, dict) else None
+    return identifier if isinstance(identifier, str) else ""
 
 
 class ControlError(RuntimeError):
@@ -40,7 +50,12 @@ class ControlClient:
         self.close()
 
     def request_raw(self, frame: bytes, timeout_ms: float | None = None) -> tuple[Reply, list[bytes]]:
-        """Send one raw request frame; return the reply and its payload frames."""
+        """Send one raw request frame; return the reply and its payload frames.
+
+        A DEALER socket does not pair replies with requests: the late reply to an earlier request that timed out
+        would be taken for this one's. So when the request carries an ``id``, replies with another id are dropped.
+        """
+        expected = _request_id(frame)
         self._socket.send_multipart([b"", frame])
         deadline = time.monotonic() + (timeout_ms or self._timeout_ms) / 1000.0
         while True:
@@ -54,11 +69,17 @@ class ControlClient:
                 reply = Reply.model_validate_json(frames[0])
             except ValueError as error:
                 raise ControlError(f"malformed reply from the daemon: {error}") from None
+            if expected and reply.id != expected:
+                continue  # a late reply to an earlier request
             return reply, frames[1:]
+
+    def next_id(self) -> str:
+        """A request id unique to this client (process id and a counter)."""
+        return f"{os.getpid()}-{next(self._ids)}"
 
     def call(self, command: str, timeout_ms: float | None = None, **args: Any) -> dict[str, Any]:
         """Send a command; return its reply data, or raise ControlError with the daemon's error message."""
-        request_id = str(next(self._ids))
+        request_id = self.next_id()
         frame = json.dumps({"v": 1, "id": request_id, "command": command, "args": args}).encode()
         reply, _ = self.request_raw(frame, timeout_ms)
         if not reply.ok:
@@ -67,7 +88,8 @@ class ControlClient:
 
     def replay(self, since_seq: int, timeout_ms: float | None = None) -> tuple[list[Message], bool]:
         """The published messages after ``since_seq`` still buffered by the daemon, and whether that is all."""
-        frame = json.dumps({"v": 1, "id": "replay", "command": "replay", "args": {"since_seq": since_seq}}).encode()
+        request = {"v": 1, "id": self.next_id(), "command": "replay", "args": {"since_seq": since_seq}}
+        frame = json.dumps(request).encode()
         reply, frames = self.request_raw(frame, timeout_ms)
         if not reply.ok:
             raise ControlError(reply.error or "replay failed")

@@ -329,6 +329,22 @@ def test_the_objective_can_be_switched_and_captures_carry_its_pixel_size(daemon:
         daemon.control.call("set-objective", objective="20x")  # the simulated camera renders at 0.5 µm/px
 
 
+def test_a_late_reply_is_never_taken_for_the_next_request(daemon: Daemon) -> None:
+    # SIGSTOP the daemon so that a request times out; its reply arrives late, while the next request waits.
+    client = ControlClient(daemon.endpoints["control"], timeout_ms=300)
+    try:
+        os.kill(daemon.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(ControlError, match="did not answer"):
+                client.call("snapshot")
+        finally:
+            os.kill(daemon.process.pid, signal.SIGCONT)
+        status = client.call("status", timeout_ms=5000)  # the snapshot's late reply comes first and is dropped
+        assert "camera" in status and "last_seq" not in status
+    finally:
+        client.close()
+
+
 def test_sigterm_stops_cleanly_and_a_restart_resumes_the_case(daemon: Daemon, tmp_path: Path) -> None:
     snapshot = daemon.control.call("snapshot")
     case, session = snapshot["case"], snapshot["session"]

@@ -202,7 +202,8 @@ class Recorder:
 
     def _replay(self, since: int) -> tuple[list[Message], bool, int]:
         assert self._control is not None
-        frame = json.dumps({"v": 1, "id": "replay", "command": "replay", "args": {"since_seq": since}}).encode()
+        request = {"v": 1, "id": self._control.next_id(), "command": "replay", "args": {"since_seq": since}}
+        frame = json.dumps(request).encode()
         reply, frames = self._control.request_raw(frame)
         if not reply.ok:
             raise ControlError(reply.error or "replay failed")
@@ -410,7 +411,8 @@ class Recorder:
             return
         if self._control is not None and self._daemon_case == folder.case_id:
             try:
-                frame = json.dumps({"v": 1, "id": "image", "command": "image", "args": {"fov_id": fov_id}}).encode()
+                request = {"v": 1, "id": self._control.next_id(), "command": "image", "args": {"fov_id": fov_id}}
+                frame = json.dumps(request).encode()
                 reply, frames = self._control.request_raw(frame)
                 if reply.ok and frames:
                     folder.write_file(relative, frames[0])
