@@ -32,8 +32,8 @@ CONFIG = """
 pixel_size_um = 0.25
 [daemon.camera]
 kind = "simulated"
-width = 1920
-height = 1080
+width = {width}
+height = {height}
 fps = 30
 slide_fields = [2, 2]
 pan_ms = 1500
@@ -126,7 +126,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="her2scope-bench-"))
     state = root / "state"
     config = root / "config.toml"
-    config.write_text(CONFIG.format(state=state))
+    config.write_text(CONFIG.format(state=state, width=1920, height=1080))
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         [sys.executable, "-m", "clients.cli", "daemon", "--config", str(config), "--json-logs"],

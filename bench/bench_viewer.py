@@ -23,30 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_daemon import percentile
+from bench.bench_daemon import CONFIG, percentile
 from clients import viewer
 from clients.control import ControlClient, read_endpoints
-
-CONFIG = """
-[optics]
-pixel_size_um = 0.25
-[daemon.camera]
-kind = "simulated"
-width = {width}
-height = {height}
-fps = 30
-slide_fields = [2, 2]
-pan_ms = 1500
-dwell_ms = 1500
-script = ["fields 4"]
-[daemon.capture]
-auto = false
-[daemon.zmq]
-publish = "tcp://127.0.0.1:*"
-control = "tcp://127.0.0.1:*"
-[daemon.state]
-directory = "{state}"
-"""
 
 
 def main() -> None:

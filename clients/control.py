@@ -12,16 +12,7 @@ from typing import Any
 
 import zmq
 
-from daemon.protocol import Message, ProtocolError, Reply, decode
-
-
-def _request_id(frame: bytes) -> str:
-    try:
-        document = json.loads(frame)
-    except (UnicodeDecodeError, ValueError):
-        return ""
-    identifier = document.get("id") if isinstance(document, dict) else None
-    return identifier if isinstance(identifier, str) else ""
+from daemon.protocol import Message, ProtocolError, Reply, decode, request_id
 
 
 class ControlError(RuntimeError):
@@ -55,7 +46,7 @@ class ControlClient:
         A DEALER socket does not pair replies with requests: the late reply to an earlier request that timed out
         would be taken for this one's. So when the request carries an ``id``, replies with another id are dropped.
         """
-        expected = _request_id(frame)
+        expected = request_id(frame)
         self._socket.send_multipart([b"", frame])
         deadline = time.monotonic() + (timeout_ms or self._timeout_ms) / 1000.0
         while True:

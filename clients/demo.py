@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from clients.control import ControlClient, ControlError, Subscriber, read_endpoints
 from clients.ctl import format_case
+from clients.viewer.app import has_display
 from daemon.protocol import Topic
 
 DEMO_CONFIG = """\
@@ -102,11 +103,6 @@ def _wait(predicate: Callable[[], Any], what: str, processes: _Processes, timeou
             return value
         time.sleep(0.05)
     raise DemoError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def has_display() -> bool:
-    """Whether a window can be opened (an X or Wayland display)."""
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def run_demo(

@@ -263,6 +263,16 @@ class Reply(_Model):
     payload_count: int = Field(0, ge=0, description="Frames that follow this one (replay: message frames)")
 
 
+def request_id(frame: bytes) -> str:
+    """The ``id`` of a request frame when one can be read (even from an invalid request), else ""."""
+    try:
+        document = json.loads(frame)
+    except (UnicodeDecodeError, ValueError):
+        return ""
+    identifier = document.get("id") if isinstance(document, dict) else None
+    return identifier[:200] if isinstance(identifier, str) else ""
+
+
 def parse_request(frame: bytes) -> Request:
     """Validate one request frame; ProtocolError says what is wrong (for the error reply)."""
     try:

@@ -48,6 +48,7 @@ from daemon.protocol import (
     Topic,
     parse_request,
 )
+from daemon.protocol import request_id as protocol_request_id
 from daemon.publisher import Publisher
 from daemon.stability import StabilityDetector, StabilityState, StabilityUpdate
 from daemon.worker import JobOverlay, JobResult, ScoreJob, ScoringWorker
@@ -520,7 +521,7 @@ class Daemon:
         request_id = ""
         extra: list[bytes] = []
         try:
-            request_id = _request_id(frames[-1])
+            request_id = protocol_request_id(frames[-1])
             request = parse_request(frames[-1])
             _check_args(request)
             data, extra = self._dispatch(request)
@@ -770,16 +771,6 @@ def _check_args(request: Request) -> None:
     if unknown:
         allowed = ", ".join(sorted(ALLOWED_ARGS[request.command])) or "none"
         raise RequestError(f"unknown argument(s) {', '.join(unknown)} for {request.command.value}; it takes: {allowed}")
-
-
-def _request_id(frame: bytes) -> str:
-    """The request's id, if it can be read, so that even an error reply carries it."""
-    try:
-        document = json.loads(frame)
-    except (UnicodeDecodeError, ValueError):
-        return ""
-    identifier = document.get("id") if isinstance(document, dict) else None
-    return identifier[:200] if isinstance(identifier, str) else ""
 
 
 def _required_str(args: dict[str, Any], key: str) -> str:
