@@ -158,6 +158,9 @@ class ZmqConfig(_Frozen):
     control: str = Field("tcp://127.0.0.1:5561", description="ROUTER endpoint for control requests")
     heartbeat_ms: Ms = 1000.0
     replay_buffer: int = Field(200, ge=1, le=100_000, description="Messages kept for late joiners (not previews)")
+    replay_buffer_mib: int = Field(
+        64, ge=1, le=4096, description="... and at most this many MiB of them (overlays are about 0.5 MiB each)"
+    )
     allow_remote: bool = Field(False, description="Allow binding to addresses other than loopback")
 
     @model_validator(mode="after")

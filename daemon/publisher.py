@@ -25,16 +25,30 @@ class Publisher:
     """Publishes protocol messages on a bound PUB socket."""
 
     def __init__(
-        self, socket: zmq.Socket[bytes], replay_buffer: int, clock_ms: Callable[[], float] | None = None
+        self,
+        socket: zmq.Socket[bytes],
+        replay_buffer: int,
+        clock_ms: Callable[[], float] | None = None,
+        *,
+        replay_bytes: int = 64 * 2**20,
     ) -> None:
         self._socket = socket
-        self._buffer: deque[tuple[int, list[bytes]]] = deque(maxlen=replay_buffer)
+        self._buffer: deque[tuple[int, list[bytes]]] = deque()
+        self._max_messages = replay_buffer
+        # overlays weigh about 0.5 MB each: a day of captures must not grow the daemon without bound
+        self._max_bytes = replay_bytes
+        self._bytes = 0
         self._last: dict[Topic, list[bytes]] = {}
         self._seq = 0
         self._topic_seq: dict[Topic, int] = dict.fromkeys(Topic, 0)
         self.session = secrets.token_hex(8)  # new every run: subscribers tell a restart from a gap
         self._evicted_up_to = 0  # highest sequence number that has left the replay buffer
         self._clock_ms = clock_ms or (lambda: time.time() * 1000.0)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held by the replay buffer."""
+        return self._bytes
 
     @property
     def last_seq(self) -> int:
@@ -64,9 +78,12 @@ class Publisher:
         )
         self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         if topic not in _UNBUFFERED:
-            if len(self._buffer) == self._buffer.maxlen:
-                self._evicted_up_to = self._buffer[0][0]
             self._buffer.append((self._seq, frames))
+            self._bytes += sum(len(frame) for frame in frames)
+            while len(self._buffer) > 1 and (len(self._buffer) > self._max_messages or self._bytes > self._max_bytes):
+                evicted, old = self._buffer.popleft()
+                self._bytes -= sum(len(frame) for frame in old)
+                self._evicted_up_to = evicted
         self._last[topic] = frames
         return self._seq
 

@@ -119,7 +119,9 @@ class Daemon:
         self._context = zmq.Context()
         self._pub = self._context.socket(zmq.PUB)
         self._control = self._context.socket(zmq.ROUTER)
-        self.publisher = Publisher(self._pub, daemon_config.zmq.replay_buffer)
+        self.publisher = Publisher(
+            self._pub, daemon_config.zmq.replay_buffer, replay_bytes=daemon_config.zmq.replay_buffer_mib * 2**20
+        )
         self.endpoints: dict[str, str] = {}
 
     # --- life cycle ----------------------------------------------------------------------------------------------

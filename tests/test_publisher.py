@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from daemon.protocol import CaptureBody, Message, Payload, PreviewBody, StatusBody, Topic, decode
+from daemon.protocol import CaptureBody, Message, OverlayBody, Payload, PreviewBody, StatusBody, Topic, decode
 from daemon.publisher import Publisher
 
 RECEIVE_TIMEOUT_MS = 2000
@@ -250,3 +250,18 @@ def test_publishing_never_blocks_on_a_subscriber_that_does_not_read(
         publisher.publish(Topic.PREVIEW, _preview(index), [big])
     elapsed = time.perf_counter() - start
     assert elapsed < 5.0, f"3,000 publishes to a stalled subscriber took {elapsed:.1f} s"
+
+
+def test_the_buffer_is_bounded_in_bytes_too(pub: tuple[zmq.Socket[bytes], int]) -> None:
+    layers = [(Payload(name="cells", encoding="png"), bytes(300_000))]  # an overlay-sized message
+    publisher = Publisher(pub[0], replay_buffer=1000, replay_bytes=1_000_000)
+    for index in range(10):
+        publisher.publish(
+            Topic.OVERLAY,
+            OverlayBody(fov_id=f"fov-{index:03d}", kind="fov", layers=("cells",), width=960, height=540),
+            layers,
+        )
+    assert publisher.buffered_bytes <= 1_000_000
+    messages, complete = publisher.since(0)
+    assert complete is False and 1 <= len(messages) <= 3
+    assert decode(messages[-1]).header.seq == publisher.last_seq  # the newest is always kept
