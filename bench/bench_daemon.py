@@ -22,6 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from clients.control import ControlClient, Subscriber, read_endpoints
@@ -116,17 +118,14 @@ def measure_live(pid: int, seconds: float) -> tuple[float, float, float]:
     return 100.0 * daemon_share, 100.0 * worker_share, rss_mib(pid)
 
 
-def main() -> None:
-    """Start a daemon, measure, stop it, print the figures."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--captures", type=int, default=40)
-    parser.add_argument("--live-s", type=float, default=20.0)
-    parser.add_argument("--soak-s", type=float, default=60.0)
-    args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="her2scope-bench-"))
+@contextmanager
+def running_daemon(prefix: str, width: int = 1920, height: int = 1080) -> Iterator[tuple[int, dict[str, str]]]:
+    """A daemon process on the simulated microscope (``width`` x ``height`` at 30 fps, random loopback ports);
+    yields its pid and endpoints, and stops it (SIGTERM, then kill) afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     state = root / "state"
     config = root / "config.toml"
-    config.write_text(CONFIG.format(state=state, width=1920, height=1080))
+    config.write_text(CONFIG.format(state=state, width=width, height=height))
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         [sys.executable, "-m", "clients.cli", "daemon", "--config", str(config), "--json-logs"],
@@ -139,7 +138,24 @@ def main() -> None:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise SystemExit(f"the daemon did not start; see {root / 'daemon.log'}")
             time.sleep(0.1)
-        endpoints = read_endpoints(state)
+        yield process.pid, read_endpoints(state)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def main() -> None:
+    """Start a daemon, measure, stop it, print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--captures", type=int, default=40)
+    parser.add_argument("--live-s", type=float, default=20.0)
+    parser.add_argument("--soak-s", type=float, default=60.0)
+    args = parser.parse_args()
+    with running_daemon("her2scope-bench-") as (pid, endpoints):
         drain = Drain(endpoints["publish"])
         drain.start()
         with ControlClient(endpoints["control"], timeout_ms=20000) as control:
@@ -150,9 +166,9 @@ def main() -> None:
                 time.sleep(0.1)
             time.sleep(2.0)  # let the start-up work settle before measuring
 
-            still_cpu, still_worker, still_rss = measure_live(process.pid, args.live_s)
+            still_cpu, still_worker, still_rss = measure_live(pid, args.live_s)
             control.call("stage", action="resume")
-            pan_cpu, pan_worker, pan_rss = measure_live(process.pid, args.live_s)
+            pan_cpu, pan_worker, pan_rss = measure_live(pid, args.live_s)
             control.call("stage", action="goto-field", field=1)
             while control.call("stage", action="status")["stage"]["state"] != "held":
                 time.sleep(0.1)
@@ -176,17 +192,10 @@ def main() -> None:
             control.call("stage", action="resume")
             start = time.monotonic()
             while time.monotonic() - start < args.soak_s:
-                rss.append((time.monotonic() - start, rss_mib(process.pid)))
+                rss.append((time.monotonic() - start, rss_mib(pid)))
                 time.sleep(max(1.0, args.soak_s / 30))
         drain.stop.set()
         drain.join(timeout=5)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
     half = len(rss) // 2
     first = statistics.mean(r for _, r in rss[: max(1, half)])

@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-from bench.bench_daemon import CONFIG, percentile
+from bench.bench_daemon import percentile, running_daemon
 from clients import viewer
-from clients.control import ControlClient, read_endpoints
+from clients.control import ControlClient
 
 
 def main() -> None:
@@ -35,27 +30,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--height", type=int, default=1080)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="her2scope-bench-viewer-"))
-    state_dir = root / "state"
-    config = root / "config.toml"
-    config.write_text(CONFIG.format(state=state_dir, width=args.width, height=args.height))
-    log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [sys.executable, "-m", "clients.cli", "daemon", "--config", str(config), "--json-logs"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     overlay_ms: list[float] = []
     frame_ms: list[float] = []
     lossless_ms: list[float] = []
     render_ms: list[float] = []
-    try:
-        deadline = time.monotonic() + 60
-        while not (state_dir / "endpoints.json").exists():
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise SystemExit(f"the daemon did not start; see {root / 'daemon.log'}")
-            time.sleep(0.1)
-        found = read_endpoints(state_dir)
+    with running_daemon("her2scope-bench-viewer-", args.width, args.height) as (_, found):
         with ControlClient(found["control"], timeout_ms=20000) as control:
             while control.call("status")["camera"]["state"] != "live":
                 time.sleep(0.2)
@@ -93,13 +72,6 @@ def main() -> None:
                 deadline = time.monotonic() + 0.3  # keep the loop running between captures, as the window does
                 while time.monotonic() < deadline:
                     state = link.poll(state, 15)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
     print(json.dumps({"frames": f"{args.width}x{args.height} @ 30 fps, 0.25 um/px", "captures": args.captures}))
     for name, values in (

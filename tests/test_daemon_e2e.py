@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,13 +82,24 @@ class Daemon:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         endpoints_file = state / "endpoints.json"
-        wait_for(
-            lambda: endpoints_file.exists() and json.loads(endpoints_file.read_text()).get("pid") == self.process.pid,
-            what="the daemon's endpoints",
-        )
-        self.endpoints = read_endpoints(state)
-        self.control = ControlClient(self.endpoints["control"], timeout_ms=5000)
-        wait_for(self._running, what="the daemon to answer status")
+        try:
+            wait_for(
+                lambda: (
+                    endpoints_file.exists() and json.loads(endpoints_file.read_text()).get("pid") == self.process.pid
+                ),
+                what="the daemon's endpoints",
+            )
+            self.endpoints = read_endpoints(state)
+            self.control = ControlClient(self.endpoints["control"], timeout_ms=5000)
+            wait_for(self._running, what="the daemon to answer status")
+        except BaseException:  # a daemon that never got ready is killed, not left behind
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(timeout=10)
+            if hasattr(self, "control"):
+                self.control.close()
+            self.log.close()
+            raise
 
     def _running(self) -> bool:
         try:
@@ -110,14 +122,19 @@ class Daemon:
             self.log.close()
         return code
 
-    def logs(self) -> list[dict[str, object]]:
-        events = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-        return events
+    def logs(self) -> list[dict[str, Any]]:
+        return json_lines(self.log_path)
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines log, skipping lines that are not JSON (a process's stray output)."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
 
 
 def arrive(daemon: Daemon, target: str) -> None:

@@ -79,7 +79,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     state = tmp_path / "state"
     config = tmp_path / "config.toml"
     config.write_text(CONFIG.format(state=state))
-    running = ReapedDaemon(state, config, tmp_path / "daemon.log")
+    running = Daemon(state, config, tmp_path / "daemon.log")
     try:
         yield running
     finally:
@@ -87,24 +87,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
             running.stop()
         else:
             running.log.close()
-
-
-class ReapedDaemon(Daemon):
-    """The e2e Daemon, but one that never gets ready is killed rather than left behind."""
-
-    def __init__(self, state: Path, config_path: Path, log_path: Path) -> None:
-        try:
-            super().__init__(state, config_path, log_path)
-        except BaseException:
-            process = getattr(self, "process", None)
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
-            if hasattr(self, "control"):
-                self.control.close()
-            if hasattr(self, "log"):
-                self.log.close()
-            raise
 
 
 def test_the_example_client_prints_case_scores_and_captures(doc: str, daemon: Daemon, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from clients.control import ControlError
-from tests.test_daemon_e2e import CONFIG, Daemon, arrive, wait_for
+from tests.test_daemon_e2e import CONFIG, Daemon, arrive, json_lines, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ROI = [[20.0, 20.0], [20.0, 700.0], [500.0, 700.0], [500.0, 20.0]]
@@ -61,13 +61,7 @@ class RecorderProcess:
             self.log.close()
 
     def logs(self) -> list[dict[str, Any]]:
-        events = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-        return events
+        return json_lines(self.log_path)
 
 
 class Setup:

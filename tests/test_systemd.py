@@ -96,24 +96,6 @@ def test_watchdog_interval_is_half_of_watchdog_usec(
     assert systemd.watchdog_interval_ms() == expected
 
 
-class ReapedDaemon(Daemon):
-    """The e2e Daemon, but one that never gets ready is killed rather than left behind."""
-
-    def __init__(self, state: Path, config_path: Path, log_path: Path) -> None:
-        try:
-            super().__init__(state, config_path, log_path)
-        except BaseException:
-            process = getattr(self, "process", None)
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
-            if hasattr(self, "control"):
-                self.control.close()
-            if hasattr(self, "log"):
-                self.log.close()
-            raise
-
-
 def _receive_until(sock: socket.socket, wanted: set[str], timeout_s: float, seen: list[str]) -> None:
     """Collect notification lines into ``seen`` until every line in ``wanted`` has arrived."""
     deadline = time.monotonic() + timeout_s
@@ -147,7 +129,7 @@ def test_the_daemon_notifies_ready_watchdog_and_stopping(
     state = tmp_path / "state"
     config = tmp_path / "config.toml"
     config.write_text(CONFIG.format(state=state))
-    daemon = ReapedDaemon(state, config, tmp_path / "daemon.log")
+    daemon = Daemon(state, config, tmp_path / "daemon.log")
     seen: list[str] = []
     try:
         _receive_until(abstract_listener, {"READY=1"}, 10.0, seen)
