@@ -9,11 +9,14 @@ from typing import Annotated, Any
 
 import typer
 
+from clients.options import ConfigOption, DaemonStateOption, JsonLogsOption
+
 app = typer.Typer(
     name="her2scope",
     help="Real-time, explainable HER2 IHC scoring for the microscope camera.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: ...]" and "[scoring]" are shown as written
 )
 
 
@@ -70,7 +73,7 @@ def score(
         Path | None,
         typer.Option("--overlay-dir", help="Write an overlay PNG per FOV (and the control) here."),
     ] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
+    config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
 ) -> None:
     """Score FOV images offline and print per-FOV counts and the case score."""
@@ -110,10 +113,8 @@ def score(
 
 @app.command()
 def daemon(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
-    json_logs: Annotated[
-        bool | None, typer.Option("--json-logs/--pretty-logs", help="Log format [default: JSON unless a terminal].")
-    ] = None,
+    config: ConfigOption = None,
+    json_logs: JsonLogsOption = None,
 ) -> None:
     """Run the camera daemon: capture stable fields, score them, publish on ZeroMQ (Ctrl-C or SIGTERM stops)."""
     import signal
@@ -149,15 +150,10 @@ def daemon(
 
 @app.command()
 def record(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
+    config: ConfigOption = None,
     out: Annotated[Path, typer.Option("--out", help="Folder of the case folders.")] = Path("~/her2scope-cases"),
-    daemon_state: Annotated[
-        Path | None,
-        typer.Option("--daemon-state", help="The daemon's state folder (endpoints.json) [default: the config's]."),
-    ] = None,
-    json_logs: Annotated[
-        bool | None, typer.Option("--json-logs/--pretty-logs", help="Log format [default: JSON unless a terminal].")
-    ] = None,
+    daemon_state: DaemonStateOption = None,
+    json_logs: JsonLogsOption = None,
 ) -> None:
     """Record every case of the daemon: event log, lossless images, overlays and an HTML report per case."""
     import signal
@@ -248,11 +244,8 @@ def demo(
 
 @app.command()
 def view(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
-    daemon_state: Annotated[
-        Path | None,
-        typer.Option("--daemon-state", help="The daemon's state folder with endpoints.json (default: the config's)."),
-    ] = None,
+    config: ConfigOption = None,
+    daemon_state: DaemonStateOption = None,
     headless_frames: Annotated[
         int | None,
         typer.Option("--headless-frames", min=1, help="Render N frames to PNG files (--out) instead of a window."),

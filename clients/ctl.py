@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from clients.options import ConfigOption, DaemonStateOption
+
 ctl_app = typer.Typer(
     name="ctl", help="Control a running daemon: capture, control, case start/close, status.", no_args_is_help=True
 )
@@ -21,10 +23,6 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
-ConfigOption = Annotated[Path | None, typer.Option("--config", help="The daemon's TOML configuration file.")]
-StateOption = Annotated[
-    Path | None, typer.Option("--daemon-state", help="The daemon's state folder (for its endpoints.json).")
-]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the daemon's reply as JSON.")]
 TimeoutOption = Annotated[float, typer.Option("--timeout-ms", help="How long to wait for the daemon.")]
 
@@ -63,7 +61,7 @@ def _call(
 @ctl_app.command()
 def capture(
     config: ConfigOption = None,
-    daemon_state: StateOption = None,
+    daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
@@ -76,7 +74,7 @@ def capture(
 @ctl_app.command()
 def control(
     config: ConfigOption = None,
-    daemon_state: StateOption = None,
+    daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
@@ -90,7 +88,7 @@ def control(
 def objective(
     name: Annotated[str, typer.Argument(help="The objective now in use, as named in the configuration (e.g. 20x).")],
     config: ConfigOption = None,
-    daemon_state: StateOption = None,
+    daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
@@ -109,7 +107,7 @@ def case_start(
     case_id: Annotated[str | None, typer.Option("--case-id", help="Case id (default: case-DATE-TIME).")] = None,
     operator: Annotated[str | None, typer.Option("--operator", help="Who is scoring.")] = None,
     config: ConfigOption = None,
-    daemon_state: StateOption = None,
+    daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
@@ -123,7 +121,7 @@ def case_start(
 @case_app.command("close")
 def case_close(
     config: ConfigOption = None,
-    daemon_state: StateOption = None,
+    daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 30000.0,
     as_json: JsonOption = False,
 ) -> None:
@@ -137,7 +135,7 @@ def case_close(
 @ctl_app.command()
 def status(
     config: ConfigOption = None,
-    daemon_state: StateOption = None,
+    daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
