@@ -94,6 +94,23 @@ class Setup:
         self._recorders.append(recorder)
         return recorder
 
+    def in_process_recorder(self, out: Path, *, with_daemon_state: bool = True, **options: Any) -> Any:
+        """A Recorder object driven by the test (``step``), following this setup's daemon."""
+        from clients.recorder import Recorder
+        from config.scoring import CaseRule, ScoringParams
+
+        daemon = self.daemon
+        if with_daemon_state:
+            options["daemon_state"] = self.state
+        return Recorder(
+            out,
+            lambda: daemon.endpoints,
+            fallback_params=ScoringParams(),
+            fallback_rule=CaseRule(),
+            heartbeat_ms=300,
+            **options,
+        )
+
     def close(self) -> None:
         """Stop every process this setup started that still runs (a stopped daemon is continued first)."""
         for recorder in self._recorders:
@@ -315,20 +332,11 @@ def test_a_torn_last_line_is_truncated_on_restart(setup: Setup) -> None:
 def test_a_full_disk_is_reported_and_corrupts_nothing(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     from structlog.testing import capture_logs
 
-    from clients import recorder as recorder_module
     from clients.recorder import folder as folder_module  # where bytes reach the disk
-    from config.scoring import CaseRule, ScoringParams
 
     daemon = setup.daemon
     out = setup.root / "disk-cases"
-    recorder = recorder_module.Recorder(
-        out,
-        lambda: daemon.endpoints,
-        fallback_params=ScoringParams(),
-        fallback_rule=CaseRule(),
-        daemon_state=setup.state,
-        heartbeat_ms=300,
-    )
+    recorder = setup.in_process_recorder(out)
 
     def step_until(predicate: Any, what: str) -> None:
         step_recorder_until(recorder, predicate, what)
@@ -510,19 +518,9 @@ def test_a_silent_daemon_is_resynchronised_without_duplicates(setup: Setup) -> N
 
 def test_a_case_started_between_the_snapshot_and_the_replay_is_followed(setup: Setup) -> None:
     """The sync's snapshot predates its replay: a case the replay starts is not "no longer open" (was aborted)."""
-    from clients import recorder as recorder_module
-    from config.scoring import CaseRule, ScoringParams
-
     daemon = setup.daemon
     out = setup.root / "race-cases"
-    recorder = recorder_module.Recorder(
-        out,
-        lambda: daemon.endpoints,
-        fallback_params=ScoringParams(),
-        fallback_rule=CaseRule(),
-        daemon_state=setup.state,
-        heartbeat_ms=300,
-    )
+    recorder = setup.in_process_recorder(out)
     real_replay, started = recorder._replay, []
 
     def start_case_then_replay(since: int) -> Any:  # the pathologist starts a case while the recorder syncs
@@ -554,19 +552,10 @@ def test_a_late_image_reply_is_never_taken_for_the_next_image(setup: Setup) -> N
 
     The control socket is a DEALER: replies are not matched to requests, so after a timeout the socket is replaced.
     """
-    from clients import recorder as recorder_module
-    from config.scoring import CaseRule, ScoringParams
-
     daemon = setup.daemon
     out = setup.root / "stall-cases"
-    recorder = recorder_module.Recorder(
-        out,
-        lambda: daemon.endpoints,
-        fallback_params=ScoringParams(),
-        fallback_rule=CaseRule(),
-        heartbeat_ms=300,
-        timeout_ms=300,  # no daemon state folder: images come over the control endpoint only
-    )
+    # no daemon state folder: images come over the control endpoint only
+    recorder = setup.in_process_recorder(out, with_daemon_state=False, timeout_ms=300)
     case_dir = out / "rec-stall"
     try:
         daemon.control.call("start-case", case_id="rec-stall")
