@@ -123,6 +123,8 @@ class Daemon:
             self._pub, daemon_config.zmq.replay_buffer, replay_bytes=daemon_config.zmq.replay_buffer_mib * 2**20
         )
         self.endpoints: dict[str, str] = {}
+        self._poller: zmq.Poller | None = None
+        self._polled_worker_fd: int | None = None
 
     # --- life cycle ----------------------------------------------------------------------------------------------
 
@@ -226,12 +228,14 @@ class Daemon:
     # --- the loop ------------------------------------------------------------------------------------------------
 
     def _step(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._control, zmq.POLLIN)
         worker_fd = self.worker.fileno()
-        if worker_fd is not None:
-            poller.register(worker_fd, zmq.POLLIN)
-        events = dict(poller.poll(timeout=10))
+        if self._poller is None or worker_fd != self._polled_worker_fd:  # a restarted worker has a new pipe
+            self._poller = zmq.Poller()
+            self._poller.register(self._control, zmq.POLLIN)
+            if worker_fd is not None:
+                self._poller.register(worker_fd, zmq.POLLIN)
+            self._polled_worker_fd = worker_fd
+        events = dict(self._poller.poll(timeout=10))
         if self._control in events:
             self._guarded("control", self._serve_control)
         self._guarded("worker", self._collect_outcomes)
@@ -442,7 +446,7 @@ class Daemon:
             error=outcome.error,
         )
         if job.kind == "control" and outcome.calibration is not None and outcome.calibration != previous_control:
-            self._rescore_tumour_fovs("control calibrated")
+            self._rescore("control calibrated", tumour_only=True)
 
     def _on_overlay(self, outcome: JobOverlay) -> None:
         job = outcome.job
@@ -458,11 +462,12 @@ class Daemon:
         payloads = [(Payload(name=name, encoding="png"), png) for name, png in outcome.layers]
         self.publisher.publish(Topic.OVERLAY, body, payloads, case_id=self._case_id())
 
-    def _rescore_tumour_fovs(self, reason: str) -> int:
+    def _rescore(self, reason: str, *, tumour_only: bool = False) -> int:
+        """Queue the open case's FOVs (only the tumour FOVs with ``tumour_only``) for scoring again."""
         case = self.store.case
         if case is None:
-            return 0
-        records = [r for r in case.fovs if r.kind == "fov"]
+            raise CaseError("no case is open")
+        records = [r for r in case.fovs if r.kind == "fov" or not tumour_only]
         for record in records:
             self._submit(record, trigger="rescore")
         if records:
@@ -587,14 +592,8 @@ class Daemon:
                     self._submit(self.store.record(one), trigger="rescore")
                     self.store.adjust("rescore", {"fov_id": one})
                     return {"queued": 1}, []
-                if self.store.case is None:
-                    raise CaseError("no case is open")
                 self.store.adjust("rescore", {})
-                queued = 0
-                for record in self.store.case.fovs:
-                    self._submit(record, trigger="rescore")
-                    queued += 1
-                return {"queued": queued}, []
+                return {"queued": self._rescore("rescore requested")}, []
             case Command.STATUS:
                 return self.status_body().model_dump(mode="json"), []
             case Command.SNAPSHOT:
@@ -679,7 +678,7 @@ class Daemon:
             raise RequestError(str(error)) from None
         params = case.params.model_copy(update={"weak_threshold_od": threshold})
         self.store.set_params(params, "set-weak", {"fov_id": fov_id, "polygon": polygon, "threshold_od": threshold})
-        queued = self._rescore_all()
+        queued = self._rescore("weak threshold changed")
         return {"weak_threshold_od": threshold, "queued": queued}
 
     def _set_intense(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -696,14 +695,6 @@ class Daemon:
         record = self.store.set_calibration_region(fov_id, polygon)
         self._submit(record, trigger="rescore")
         return {"fov_id": fov_id, "queued": 1}
-
-    def _rescore_all(self) -> int:
-        case = self.store.case
-        if case is None:
-            return 0
-        for record in case.fovs:
-            self._submit(record, trigger="rescore")
-        return len(case.fovs)
 
     def _stage(self, args: dict[str, Any]) -> dict[str, Any]:
         from daemon.simulator import SimulatedMicroscope
