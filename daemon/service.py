@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -553,7 +554,7 @@ class Daemon:
                 return {"fov_id": record.fov_id, "kind": kind}, []
             case Command.START_CASE:
                 if self.store.case is not None:  # starting a case closes the open one, for all to see
-                    self._publish_case("closed", self.store.close())
+                    self._close_case()
                 case = self.store.start(
                     self.config.scoring,
                     self.config.case_rule,
@@ -565,12 +566,9 @@ class Daemon:
                 self._publish_status()
                 return {"case_id": case.case_id}, []
             case Command.CLOSE_CASE:
-                closed = self.store.close()
-                summary = self.store.summary(closed)
-                self._publish_case("closed", closed)
-                log.info("case_closed", case_id=closed.case_id, score=(summary.get("case") or {}).get("score"))
+                closed = self._close_case()
                 self._publish_status()
-                return {"case_id": closed.case_id, "summary": summary}, []
+                return {"case_id": closed.case_id, "summary": self.store.summary(closed)}, []
             case Command.SET_ROI:
                 fov_id = _required_str(args, "fov_id")
                 polygon = _polygon(args.get("polygon"), allow_none=True)
@@ -648,6 +646,24 @@ class Daemon:
         log.info("objective_changed", objective=objective, pixel_size_um=self.pixel_size_um)
         self._publish_status()
         return {"objective": objective, "pixel_size_um": self.pixel_size_um}
+
+    def _close_case(self) -> CaseState:
+        """Close the open case once its queued work is done, so that its last results and overlays are published
+        before the ``case`` "closed" message (a recorder's report then has every overlay)."""
+        case = self.store.case
+        if case is None:
+            raise CaseError("no case is open")
+        deadline = _now_ms() + self.config.daemon.worker.timeout_ms
+        while self.worker.has_work_for(case.case_id) and _now_ms() < deadline:
+            fd = self.worker.fileno()
+            if fd is not None:
+                select.select([fd], [], [], 0.01)
+            self._collect_outcomes()
+        closed = self.store.close()
+        self._publish_case("closed", closed)
+        summary = self.store.summary(closed)
+        log.info("case_closed", case_id=closed.case_id, score=(summary.get("case") or {}).get("score"))
+        return closed
 
     def _republish(self, record: FovRecord) -> None:
         body = ResultBody(

@@ -236,6 +236,11 @@ class ScoringWorker:
         """Jobs waiting, not counting the one in flight."""
         return len(self._queue)
 
+    def has_work_for(self, case_id: str | None) -> bool:
+        """Whether a job of ``case_id`` is queued or in flight (its result or its overlay not delivered yet)."""
+        in_flight = self._in_flight is not None and self._in_flight.case_id == case_id
+        return in_flight or any(job.case_id == case_id for job in self._queue)
+
     def fileno(self) -> int | None:
         """The pipe's file descriptor, to poll alongside sockets (None when not running)."""
         return self._connection.fileno() if self._connection is not None else None

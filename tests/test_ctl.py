@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_daemon_e2e import CONFIG, Daemon, wait_for
+from daemon.protocol import Topic
+from tests.test_daemon_e2e import CONFIG, Daemon, next_message, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,18 @@ def test_no_daemon_exits_3_and_bad_config_exits_2(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "daemon.zmq.heartbeat_ms = -1" in done.stderr
+
+
+def test_closing_a_case_publishes_its_last_overlay_before_the_close(daemon: Daemon) -> None:
+    wait_for(lambda: daemon.control.call("status")["camera"]["state"] == "live", what="a live camera")
+    daemon.control.call("start-case", case_id="closes-fast")
+    with daemon.subscribe(Topic.OVERLAY, Topic.CASE) as subscriber:
+        fov_id = daemon.control.call("capture")["fov_id"]
+        daemon.control.call("close-case")  # at once: the FOV is still being scored
+        seen: list[tuple[Topic, str]] = []
+        while not any(topic == Topic.CASE for topic, _ in seen):
+            message = next_message(subscriber, lambda m: True, "the overlay and the close")
+            body = message.body
+            seen.append((message.header.topic, body.event if message.header.topic == Topic.CASE else body.fov_id))  # type: ignore[attr-defined]
+    assert (Topic.OVERLAY, fov_id) in seen
+    assert seen.index((Topic.OVERLAY, fov_id)) < seen.index((Topic.CASE, "closed"))
