@@ -7,6 +7,7 @@ not a silently ignored setting.
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -150,15 +151,57 @@ class ScoringParams(_Frozen):
         return self
 
 
-class CaseRule(_Frozen):
-    """The ASCO/CAP 2018/2023 breast HER2 IHC rule over all tumour cells of a case (or of one FOV)."""
+class Guideline(StrEnum):
+    """Which published HER2 IHC scoring guideline a case is scored by."""
 
-    cutoff_percent: Percent = Field(10.0, description="The guideline's 10% of tumour cells.")
+    BREAST = "breast"  # ASCO/CAP 2018, reaffirmed 2023, with the 2025 consensus split of 0 into null / ultralow
+    GASTRIC = "gastric"  # CAP/ASCP/ASCO 2016, gastroesophageal adenocarcinoma
+
+
+class Specimen(StrEnum):
+    """The kind of specimen; the gastric guideline scores a biopsy by clusters, a resection by shares."""
+
+    RESECTION = "resection"
+    BIOPSY = "biopsy"
+
+
+class CaseRule(_Frozen):
+    """The HER2 IHC rule over all tumour cells of a case (or of one FOV), chosen per case.
+
+    ``guideline`` breast (the default): the ASCO/CAP 2018/2023 breast rule. ``guideline`` gastric: the 2016
+    gastroesophageal adenocarcinoma guideline, by shares of tumour cells for a resection and by cohesive clusters
+    of tumour cells for a biopsy (``specimen``). See scoring/case.py.
+    """
+
+    guideline: Guideline = Field(
+        Guideline.BREAST,
+        description="breast: ASCO/CAP 2018/2023 (0 split into null/ultralow); gastric: CAP/ASCP/ASCO 2016 "
+        "gastroesophageal adenocarcinoma.",
+    )
+    specimen: Specimen = Field(
+        Specimen.RESECTION,
+        description="resection or biopsy; for gastric cases a biopsy is scored by its most stained cohesive "
+        "cluster of cluster_min_cells tumour cells, whatever their share. The breast rule ignores it.",
+    )
+    cutoff_percent: Percent = Field(
+        10.0,
+        description="The guideline's 10% of tumour cells: breast takes more than it, a gastric resection at least it.",
+    )
     min_3plus_percent_for_2plus: Percent = Field(
         1.0,
         description="3+ cells in no more than cutoff_percent make the case 2+ (unusual pattern) only when they "
-        "reach this share; below it they are treated as isolated misclassifications.",
+        "reach this share; below it they are treated as isolated misclassifications. Breast only: the gastric "
+        "guideline has no such pattern.",
     )
     min_tumour_cells: Annotated[int, Field(ge=1)] = Field(
         100, description="Fewer counted tumour cells than this give 'not assessable', never a guessed score."
+    )
+    cluster_min_cells: Annotated[int, Field(ge=2, le=1000)] = Field(
+        5, description="The gastric biopsy guideline's 'tumor cell cluster (>= 5 cells)'."
+    )
+    cohesion_distance_um: PositiveUm = Field(
+        18.0,
+        description="Two tumour cells belong to one cohesive cluster when their centres are at most this far "
+        "apart: neighbours that touch lie about one cell diameter (12 µm) apart, so 1.5 diameters joins "
+        "touching cells of varied size and keeps cells parted by stroma apart.",
     )

@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from config.scoring import CaseRule, ScoringParams
 from scoring import morphology, nuclei, stains
-from scoring.case import NO_CONTROL_WARNING, call_score
+from scoring.case import NO_CONTROL_WARNING, call_score, cluster_sizes
 from scoring.membranes import CompleteMembranes, cell_area_bounds_px, complete_membranes
 from scoring.morphology import BoolArray
 from scoring.results import Cell, ClassCounts, ControlCalibration, FovResult, Her2Score, ThresholdSource
@@ -282,7 +282,8 @@ def analyse_fov(
         )
         for r, c in analysis.to_fov(points)
     )
-    call = call_score(counts, rule)
+    clusters = cluster_sizes(cells, pixel_size_um, rule.cohesion_distance_um)
+    call = call_score(counts, rule, clusters)
     warnings = [] if control is not None else [NO_CONTROL_WARNING]
     if call.score is None:
         warnings.append(call.reason)
@@ -300,6 +301,7 @@ def analyse_fov(
         tumour_area_mm2=float(region.sum()) * px * px * 1e-6,
         stain_vectors=analysis.densities.vectors,
         warnings=tuple(warnings),
+        clusters=clusters,
     )
     return FovAnalysis(
         result=result,

@@ -6,6 +6,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from config.scoring import Guideline, Specimen
+
 
 class Her2Score(StrEnum):
     """An ASCO/CAP HER2 IHC score, of one cell, one FOV or one case."""
@@ -88,13 +90,15 @@ class ClassCounts(_Frozen):
 
 
 class ScoreCall(_Frozen):
-    """The ASCO/CAP rule applied to a set of counts: score, status and the HER2-low / ultralow reading."""
+    """The case's guideline applied to a set of counts: score, status and the HER2-low / ultralow reading."""
 
     score: Her2Score | None = Field(description="None when too few tumour cells were counted to score")
     status: Her2Status
     her2_low: bool = Field(description="1+, or 2+ pending ISH (HER2-low if ISH is negative)")
     zero_subtype: Her2ZeroSubtype | None = Field(description="null / ultralow for a score of 0, else None")
     reason: str = Field(description="Which branch of the rule decided, in words")
+    guideline: Guideline = Field(Guideline.BREAST, description="The guideline whose rule made this call")
+    specimen: Specimen = Field(Specimen.RESECTION, description="The specimen kind the rule was applied for")
 
 
 class Cell(_Frozen):
@@ -135,6 +139,10 @@ class FovResult(_Frozen):
     tumour_area_mm2: float
     stain_vectors: tuple[tuple[float, float, float], tuple[float, float, float]]
     warnings: tuple[str, ...] = ()
+    clusters: ClassCounts = Field(
+        ClassCounts(),
+        description="Per class k: the largest cohesive cluster of cells of class k or higher in this FOV",
+    )
 
     @property
     def total(self) -> int:
