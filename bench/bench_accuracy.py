@@ -600,6 +600,14 @@ def densest_window(
     return best[1], best[2]
 
 
+def write_png(path: Path, rgb: RGBImage) -> None:
+    """Write an RGB image as a PNG at the highest compression (documentation figures live in the repository)."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not ok:
+        raise OSError(f"{path}: could not encode the image")
+    path.write_bytes(encoded.tobytes())
+
+
 def write_docs(
     cores: Sequence[Core], windows: Mapping[str, Sequence[FieldWindow]], runs: Sequence[CaseRun]
 ) -> list[Path]:
@@ -621,14 +629,14 @@ def write_docs(
         )
         overlay = render_overlay(analysis, run.case, width=DOCS_WIDTH).compose(small, DEFAULT_LAYERS)
         path = DOCS_DIR / f"{core.slug}_overlay.png"
-        write_rgb(path, overlay)
+        write_png(path, overlay)
         written.append(path)
         cells = np.array([[c.row, c.col] for c in analysis.result.cells], dtype=np.float64).reshape(-1, 2)
         # The panel sits in the top-left corner; the crop is the densest in cells, found on a 20 px grid.
         row, col = densest_window(cells, image.shape[:2], DETAIL_SHAPE, DETAIL_STRIDE_PX)
         full = render_overlay(analysis, run.case).compose(image, ("cells", "completeness", "region"))
         path = DOCS_DIR / f"{core.slug}_detail.png"
-        write_rgb(path, np.ascontiguousarray(full[row : row + DETAIL_SHAPE[0], col : col + DETAIL_SHAPE[1]]))
+        write_png(path, np.ascontiguousarray(full[row : row + DETAIL_SHAPE[0], col : col + DETAIL_SHAPE[1]]))
         written.append(path)
         print(f"{core.label}: field f{best + 1} ({analysis.result.counts.total} cells), detail at ({row},{col})")
     return written
