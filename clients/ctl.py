@@ -106,16 +106,24 @@ ctl_app.add_typer(case_app)
 def case_start(
     case_id: Annotated[str | None, typer.Option("--case-id", help="Case id (default: case-DATE-TIME).")] = None,
     operator: Annotated[str | None, typer.Option("--operator", help="Who is scoring.")] = None,
+    guideline: Annotated[
+        str | None,
+        typer.Option("--guideline", help="breast or gastric (default: the daemon's configuration's case_rule)."),
+    ] = None,
+    specimen: Annotated[
+        str | None, typer.Option("--specimen", help="resection or biopsy (default: the configuration's).")
+    ] = None,
     config: ConfigOption = None,
     daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a case (closing the open one)."""
-    args = {k: v for k, v in (("case_id", case_id), ("operator", operator)) if v is not None}
+    """Start a case (closing the open one), scored by a guideline chosen for it."""
+    chosen = (("case_id", case_id), ("operator", operator), ("guideline", guideline), ("specimen", specimen))
+    args = {k: v for k, v in chosen if v is not None}
     data = _call("start-case", config, daemon_state, timeout_ms, as_json, **args)
     if not as_json:
-        typer.echo(f"started case {data['case_id']}")
+        typer.echo(f"started case {data['case_id']} ({data.get('guideline', '?')}, {data.get('specimen', '?')})")
 
 
 @case_app.command("close")
@@ -162,6 +170,8 @@ def format_case(summary: dict[str, Any]) -> str:
     if not summary.get("case_id"):
         return "no case is open"
     lines = [f"case {summary['case_id']}" + (" (closed)" if not summary.get("open", True) else "")]
+    if summary.get("guideline"):
+        lines[0] += f", scored by the {summary['guideline']} guideline ({summary.get('specimen') or 'resection'})"
     for fov in summary.get("fovs", []):
         marks = " excluded" if fov.get("excluded") else ""
         lines.append(

@@ -43,6 +43,8 @@ NO_CASE_SUMMARY: Mapping[str, Any] = MappingProxyType(
         "case_id": None,
         "open": False,
         "operator": None,
+        "guideline": None,
+        "specimen": None,
         "started_at": None,
         "closed_at": None,
         "adjustments": [],
@@ -214,15 +216,22 @@ class CaseStore:
             raise CaseError("no case is open")
         return self.directory / "cases" / self._case.case_id
 
-    def resume(self) -> CaseState | None:
-        """Reopen the case that was open when the daemon stopped, if any."""
+    def resume(self, default_rule: CaseRule | None = None) -> CaseState | None:
+        """Reopen the case that was open when the daemon stopped, if any.
+
+        A case saved before its rule had a field (``guideline``, ``specimen``, the cluster settings) takes that
+        field from ``default_rule`` (the configuration's), not from the model's default.
+        """
         pointer = self.directory / "current"
         if not pointer.is_file():
             return None
         case_id = pointer.read_text(encoding="utf-8").strip()
         path = self.directory / "cases" / case_id / "case.json"
         try:
-            case = CaseState.model_validate_json(path.read_bytes())
+            document = json.loads(path.read_bytes())
+            if default_rule is not None and isinstance(document, dict) and isinstance(document.get("rule"), dict):
+                document["rule"] = {**default_rule.model_dump(mode="json"), **document["rule"]}
+            case = CaseState.model_validate(document)
         except (OSError, ValueError) as error:
             raise CaseError(f"cannot resume case {case_id!r} from {path}: {error}") from None
         if case.closed_at is None:
@@ -412,6 +421,8 @@ class CaseStore:
             "case_id": case.case_id,
             "open": case.closed_at is None,
             "operator": case.operator,
+            "guideline": case.rule.guideline.value,
+            "specimen": case.rule.specimen.value,
             "started_at": case.started_at,
             "fovs": [
                 {
@@ -439,6 +450,8 @@ class CaseStore:
                 "her2_low": case_result.call.her2_low,
                 "zero_subtype": case_result.call.zero_subtype.value if case_result.call.zero_subtype else None,
                 "reason": case_result.call.reason,
+                "guideline": case_result.call.guideline.value,
+                "specimen": case_result.call.specimen.value,
                 "counts": case_result.counts.model_dump(mode="json"),
                 "total": case_result.counts.total,
                 "percentages": case_result.percentages,

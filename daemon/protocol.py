@@ -129,6 +129,8 @@ class StatusBody(_Model):
     uptime_s: float
     objective: str = Field("", description="The objective in use (a name from the configuration's optics)")
     pixel_size_um: float = Field(0.0, description="µm per camera pixel with that objective")
+    guideline: str | None = Field(None, description="The open case's scoring guideline: breast or gastric")
+    specimen: str | None = Field(None, description="The open case's specimen kind: resection or biopsy")
 
 
 class CaseBody(_Model):
@@ -137,7 +139,9 @@ class CaseBody(_Model):
     event: Literal["started", "resumed", "closed"]
     case: dict[str, Any] = Field(description="The case summary (see CaseSummary); for 'closed', the final one")
     params: dict[str, Any] = Field(description="The case's scoring parameters (ScoringParams as JSON)")
-    rule: dict[str, Any] = Field(description="The case's ASCO/CAP rule settings (CaseRule as JSON)")
+    rule: dict[str, Any] = Field(
+        description="The case's rule settings (CaseRule as JSON), with its guideline and specimen kind"
+    )
     pixel_size_um: float
     software: dict[str, str] = Field(description="name and version of the daemon")
 

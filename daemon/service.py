@@ -30,6 +30,7 @@ import structlog
 import zmq
 
 from config.app import AppConfig
+from config.scoring import CaseRule, Guideline, Specimen
 from daemon import systemd
 from daemon.case_store import CaseError, CaseState, CaseStore, FovRecord
 from daemon.frames import Frame, FrameSource
@@ -158,7 +159,7 @@ class Daemon:
         self._write_endpoints()
         resumed = None
         try:
-            resumed = self.store.resume()
+            resumed = self.store.resume(default_rule=self.config.case_rule)
         except CaseError as error:
             log.error("case_resume_failed", error=str(error))
         self.worker.start()
@@ -504,6 +505,8 @@ class Daemon:
             uptime_s=round((_now_ms() - self._started_ms) / 1000.0, 1),
             objective=self.objective,
             pixel_size_um=self.pixel_size_um,
+            guideline=case.rule.guideline.value if case else None,
+            specimen=case.rule.specimen.value if case else None,
         )
 
     def _publish_status(self) -> None:
@@ -553,18 +556,29 @@ class Daemon:
                 record = self._capture(_Trigger(kind, "control", _now_ms()))
                 return {"fov_id": record.fov_id, "kind": kind}, []
             case Command.START_CASE:
+                rule = _case_rule(self.config.case_rule, args)  # a bad guideline refuses before anything closes
                 if self.store.case is not None:  # starting a case closes the open one, for all to see
                     self._close_case()
                 case = self.store.start(
                     self.config.scoring,
-                    self.config.case_rule,
+                    rule,
                     case_id=_optional_str(args, "case_id"),
                     operator=_optional_str(args, "operator"),
                 )
-                log.info("case_started", case_id=case.case_id, operator=case.operator)
+                log.info(
+                    "case_started",
+                    case_id=case.case_id,
+                    operator=case.operator,
+                    guideline=case.rule.guideline.value,
+                    specimen=case.rule.specimen.value,
+                )
                 self._publish_case("started", case)
                 self._publish_status()
-                return {"case_id": case.case_id}, []
+                return {
+                    "case_id": case.case_id,
+                    "guideline": case.rule.guideline.value,
+                    "specimen": case.rule.specimen.value,
+                }, []
             case Command.CLOSE_CASE:
                 closed = self._close_case()
                 self._publish_status()
@@ -757,7 +771,7 @@ class Daemon:
 ALLOWED_ARGS: dict[Command, frozenset[str]] = {
     Command.CAPTURE: frozenset(),
     Command.CAPTURE_CONTROL: frozenset(),
-    Command.START_CASE: frozenset({"case_id", "operator"}),
+    Command.START_CASE: frozenset({"case_id", "operator", "guideline", "specimen"}),
     Command.CLOSE_CASE: frozenset(),
     Command.SET_ROI: frozenset({"fov_id", "polygon"}),
     Command.SET_WEAK: frozenset({"fov_id", "polygon"}),
@@ -780,6 +794,19 @@ def _check_args(request: Request) -> None:
     if unknown:
         allowed = ", ".join(sorted(ALLOWED_ARGS[request.command])) or "none"
         raise RequestError(f"unknown argument(s) {', '.join(unknown)} for {request.command.value}; it takes: {allowed}")
+
+
+def _case_rule(default: CaseRule, args: dict[str, Any]) -> CaseRule:
+    """The configuration's case rule with the guideline and specimen a start-case request chose."""
+    update: dict[str, Any] = {}
+    for key, choices in (("guideline", Guideline), ("specimen", Specimen)):
+        value = _optional_str(args, key)
+        if value is None:
+            continue
+        if value not in {c.value for c in choices}:
+            raise RequestError(f"unknown {key} {value!r}; use one of: {', '.join(c.value for c in choices)}")
+        update[key] = choices(value)
+    return CaseRule.model_validate({**default.model_dump(), **update}) if update else default
 
 
 def _required_str(args: dict[str, Any], key: str) -> str:

@@ -49,7 +49,7 @@ def test_status_reports_the_camera_and_the_case(daemon: Daemon) -> None:
 def test_a_case_is_started_captured_and_closed_from_the_shell(daemon: Daemon) -> None:
     started = ctl(daemon, "case", "start", "--case-id", "shell-case", "--operator", "dr-a")
     assert started.returncode == 0, started.stderr
-    assert started.stdout.strip() == "started case shell-case"
+    assert started.stdout.strip() == "started case shell-case (breast, resection)"  # the configuration's rule
     captured = ctl(daemon, "capture")
     assert captured.returncode == 0 and captured.stdout.startswith("captured fov-001")
     control = ctl(daemon, "control", "--json")
@@ -104,3 +104,17 @@ def test_closing_a_case_publishes_its_last_overlay_before_the_close(daemon: Daem
             seen.append((message.header.topic, body.event if message.header.topic == Topic.CASE else body.fov_id))  # type: ignore[attr-defined]
     assert (Topic.OVERLAY, fov_id) in seen
     assert seen.index((Topic.OVERLAY, fov_id)) < seen.index((Topic.CASE, "closed"))
+
+
+def test_a_case_started_from_the_shell_with_the_gastric_biopsy_guideline(daemon: Daemon) -> None:
+    started = ctl(
+        daemon, "case", "start", "--case-id", "shell-gastric", "--guideline", "gastric", "--specimen", "biopsy"
+    )
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == "started case shell-gastric (gastric, biopsy)"
+    status = ctl(daemon, "status")
+    assert "case shell-gastric, scored by the gastric guideline (biopsy)" in status.stdout
+    refused = ctl(daemon, "case", "start", "--guideline", "lung")
+    assert refused.returncode == 1
+    assert "unknown guideline 'lung'; use one of: breast, gastric" in refused.stderr
+    assert ctl(daemon, "case", "close").returncode == 0
