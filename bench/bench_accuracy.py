@@ -34,9 +34,13 @@ against the pathologist's; a case scored "not assessable" counts as a miss and i
 
 Synthetic fields
 ----------------
-``scoring.synthetic`` renders fields whose every tumour cell is known. For batch strengths 0.6, 0.8, 1.0, 1.25
-and 1.5 and five class mixes (pure 0, 1+, 2+, 3+ and a mixed one) one field and one 3+ control of the same
-batch strength are rendered; the field is scored with and without that control. Per field:
+``scoring.synthetic`` renders fields whose every tumour cell is known: with its hard renderers
+(``render_hard_fov`` / ``render_hard_control``: ring gaps, basolateral/lateral gland cells, pale and crowded nuclei,
+lymphocytes, fibroblasts, vignetting) when it has them, else with ``render_fov`` / ``render_control``; the output
+says which. For batch strengths 0.6, 0.8, 1.0, 1.25 and 1.5 and five class mixes (pure 0, 1+, 2+, 3+ and a mixed
+one; true shares under the gastric guideline for the hard renderer) one field and one 3+ control of the same batch
+strength are rendered; the field is scored with and without that control, under each guideline, against the truth
+class of each cell under that guideline (``SyntheticCell.truth_class``). Per field:
 
 - class-share error: the mean over the four classes of |detected share − true share|, shares as fractions;
 - count ratio: detected tumour cells / true tumour cells;
@@ -66,10 +70,9 @@ from typing import Any, Final
 import cv2
 import numpy as np
 import numpy.typing as npt
-from pydantic import ValidationError
 
 from clients.images import read_rgb, write_rgb
-from config.scoring import CaseRule, ScoringParams
+from config.scoring import CaseRule, Guideline, ScoringParams
 from scoring import (
     CaseResult,
     ControlCalibration,
@@ -107,6 +110,7 @@ CLASS_MIXES: Final[Mapping[str, Mapping[str, float]]] = {
     "mixed": {"0": 0.4, "1+": 0.3, "2+": 0.25, "3+": 0.05},
 }
 NON_TUMOUR_FIELDS: Final = ("stroma", "muscle", "lymphocytes", "glass")
+MIX_GUIDELINE: Final = "gastric"  # the hard generator's class mixes are true shares under this guideline
 MATCH_RADIUS_CELLS: Final = 0.5
 DOCS_WIDTH: Final = 1600
 DETAIL_SHAPE: Final = (500, 800)
@@ -341,17 +345,9 @@ def class_share_error(detected: Mapping[str, int], truth: Mapping[str, int]) -> 
 # ------------------------------------------------------------------------------------------------ guideline
 
 
-def case_rule(guideline: str) -> tuple[CaseRule, str | None]:
-    """The case rule of ``guideline`` ("breast" or "gastric"), and a note when it could not be applied.
-
-    While ``CaseRule`` has no ``guideline`` field, the default rule is returned with a note saying so.
-    """
-    try:
-        return CaseRule.model_validate({"guideline": guideline}), None
-    except ValidationError:
-        if "guideline" in CaseRule.model_fields:
-            raise
-        return CaseRule(), f"CaseRule has no guideline field yet: the '{guideline}' table used the default rule"
+def case_rule(guideline: str) -> CaseRule:
+    """The case rule of ``guideline`` ("breast" or "gastric"; a gastric case is a resection, scored by shares)."""
+    return CaseRule(guideline=Guideline(guideline))
 
 
 def truth_class(cell: synthetic.SyntheticCell, guideline: str) -> str:
@@ -483,10 +479,10 @@ def score_cores(
     calibration : ControlCalibration or None
         None when the control field could not be calibrated from (its runs then use no control).
     notes : list of str
-        What the reader must know about this table (guideline fallback, calibration failure).
+        What the reader must know about this table (a calibration failure).
     """
-    rule, note = case_rule(guideline)
-    notes = [note] if note else []
+    rule = case_rule(guideline)
+    notes: list[str] = []
     calibration: ControlCalibration | None
     try:
         calibration = calibrate_from_control(control_field, PIXEL_SIZE_UM, params, rule=rule)
@@ -707,22 +703,48 @@ def fov_figures(
     }
 
 
+def _hard_renderer(name: str) -> Callable[..., synthetic.SyntheticFov] | None:
+    """``scoring.synthetic``'s hard renderer ``name`` (render_hard_fov, render_hard_control), if it has one."""
+    renderer: Callable[..., synthetic.SyntheticFov] | None = getattr(synthetic, name, None)
+    return renderer
+
+
+def generator_note() -> str:
+    """Which renderers the synthetic figures come from, as printed."""
+    if _hard_renderer("render_hard_fov") and _hard_renderer("render_hard_control"):
+        return (
+            "generator: render_hard_fov / render_hard_control (ring gaps, basolateral/lateral gland cells, pale and "
+            f"crowded nuclei, lymphocytes, fibroblasts, vignetting); mixes are true shares under the "
+            f"{MIX_GUIDELINE} guideline"
+        )
+    return "generator: render_fov / render_control (this scoring.synthetic has no hard renderer)"
+
+
 def render_tumour_field(
     batch_strength: float, mix: Mapping[str, float], seed: int, shape: tuple[int, int] = FIELD_SHAPE
 ) -> synthetic.SyntheticFov:
-    """Render one synthetic tumour field of ``mix`` at ``batch_strength``."""
+    """Render one synthetic tumour field of ``mix`` at ``batch_strength`` (hard renderer when there is one)."""
+    hard = _hard_renderer("render_hard_fov")
+    if hard is not None:
+        return hard(shape, PIXEL_SIZE_UM, dict(mix), batch_strength=batch_strength, seed=seed, guideline=MIX_GUIDELINE)
     return synthetic.render_fov(shape, PIXEL_SIZE_UM, dict(mix), batch_strength=batch_strength, seed=seed)
 
 
 def render_synthetic_control(
     batch_strength: float, seed: int, shape: tuple[int, int] = FIELD_SHAPE
 ) -> synthetic.SyntheticFov:
-    """Render a synthetic 3+ positive control at ``batch_strength``."""
+    """Render a synthetic 3+ positive control at ``batch_strength`` (hard renderer when there is one)."""
+    hard = _hard_renderer("render_hard_control")
+    if hard is not None:
+        return hard(shape, PIXEL_SIZE_UM, batch_strength=batch_strength, seed=seed)
     return synthetic.render_control(shape, PIXEL_SIZE_UM, batch_strength=batch_strength, seed=seed)
 
 
 def render_non_tumour(kind: str, seed: int, shape: tuple[int, int] = FIELD_SHAPE) -> RGBImage | None:
     """Render a field without tumour cells of ``kind``, or None when the generator has no such field."""
+    hard = _hard_renderer("render_hard_fov")
+    if hard is not None and kind in getattr(synthetic, "TISSUES", ()):
+        return hard(shape, PIXEL_SIZE_UM, tissue=kind, seed=seed).rgb
     if kind == "glass":
         rng = np.random.default_rng(seed)
         glass = synthetic.blank_fov(shape).astype(np.float64) + rng.normal(0.0, 2.0, (*shape, 3))
@@ -746,10 +768,10 @@ def run_synthetic(
     -------
     figures : per field, guideline and control mode
     non_tumour : per non-tumour field, guideline and control mode
-    notes : what the reader must know (guideline fallbacks, fields the generator cannot render)
+    notes : what the reader must know (the generator used, fields it cannot render, calibration failures)
     """
     rules = {g: case_rule(g) for g in guidelines}
-    notes = sorted({note for _, note in rules.values() if note})
+    notes = [generator_note()]
     figures: list[SyntheticFigures] = []
     controls: dict[float, dict[str, ControlCalibration | None]] = {}
     for s_index, strength in enumerate(strengths):
@@ -758,7 +780,7 @@ def run_synthetic(
         for guideline in guidelines:
             try:
                 controls[strength][guideline] = calibrate_from_control(
-                    control_rgb, PIXEL_SIZE_UM, params, rule=rules[guideline][0]
+                    control_rgb, PIXEL_SIZE_UM, params, rule=rules[guideline]
                 )
             except ValueError as error:
                 controls[strength][guideline] = None
@@ -766,7 +788,7 @@ def run_synthetic(
         for m_index, (mix_name, mix) in enumerate(mixes.items()):
             fov = render_tumour_field(strength, mix, seed=100 * s_index + m_index, shape=shape)
             for guideline in guidelines:
-                rule = rules[guideline][0]
+                rule = rules[guideline]
                 for control in _control_modes(controls[strength][guideline]):
                     result = analyse_fov(fov.rgb, PIXEL_SIZE_UM, params, control=control, rule=rule).result
                     numbers = fov_figures(fov, result, guideline, rule, params)
@@ -787,7 +809,7 @@ def run_synthetic(
         if image is None:
             notes.append(f"the synthetic generator has no {kind} field yet: not scored")
         for guideline in guidelines:
-            rule = rules[guideline][0]
+            rule = rules[guideline]
             for control in _control_modes(reference_control.get(guideline)):
                 if image is None:
                     calls.append(NonTumourFigures(kind, guideline, control is not None, None, 0))
