@@ -73,6 +73,14 @@ def score(
         Path | None,
         typer.Option("--overlay-dir", help="Write an overlay PNG per FOV (and the control) here."),
     ] = None,
+    guideline: Annotated[
+        str | None,
+        typer.Option("--guideline", help="breast or gastric [default: the config's case_rule.guideline]."),
+    ] = None,
+    specimen: Annotated[
+        str | None,
+        typer.Option("--specimen", help="resection or biopsy [default: the config's case_rule.specimen]."),
+    ] = None,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
 ) -> None:
@@ -98,7 +106,7 @@ def score(
             roi_polygon=polygon,
             overlay_dir=overlay_dir,
             params=app_config.scoring,
-            rule=app_config.case_rule,
+            rule=scoring_report.chosen_rule(app_config.case_rule, guideline, specimen),
         )
     except (InputError, ConfigError) as error:
         raise _fail(str(error)) from None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.images import InputError, read_rgb, write_rgb
-from config.scoring import CaseRule, ScoringParams
+from config.scoring import CaseRule, Guideline, ScoringParams, Specimen
 from scoring import analyse_fov, calibrate_from_control, score_case
 from scoring.overlay import DEFAULT_LAYERS, render_overlay
 from scoring.pipeline import check_pixel_size
@@ -24,7 +24,36 @@ def _call_fields(call: ScoreCall) -> dict[str, Any]:
         "her2_low": call.her2_low,
         "zero_subtype": call.zero_subtype.value if call.zero_subtype else None,
         "reason": call.reason,
+        "guideline": call.guideline.value,
+        "specimen": call.specimen.value,
     }
+
+
+GUIDELINE_LABELS = {
+    "breast": "breast, ASCO/CAP 2018/2023 (0 split into null/ultralow, 2025)",
+    "gastric": "gastric, CAP/ASCP/ASCO 2016 gastroesophageal adenocarcinoma",
+}
+
+
+def guideline_label(guideline: str | None, specimen: str | None) -> str:
+    """How reports name a case's rule, e.g. "gastric, CAP/ASCP/ASCO 2016 ... (biopsy: cohesive clusters)"."""
+    guideline = guideline or "breast"
+    label = GUIDELINE_LABELS.get(guideline, guideline)
+    if guideline == "gastric":
+        label += " (biopsy: cohesive clusters of ≥ 5 cells)" if specimen == "biopsy" else " (resection: ≥ 10% of cells)"
+    return label
+
+
+def chosen_rule(rule: CaseRule, guideline: str | None, specimen: str | None) -> CaseRule:
+    """``rule`` with the guideline and specimen chosen on the command line; InputError names a bad choice."""
+    update: dict[str, str] = {}
+    for option, value, choices in (("guideline", guideline, Guideline), ("specimen", specimen, Specimen)):
+        if value is None:
+            continue
+        if value not in {c.value for c in choices}:
+            raise InputError(f"--{option} {value!r}: use one of {', '.join(c.value for c in choices)}")
+        update[option] = value
+    return CaseRule.model_validate({**rule.model_dump(mode="json"), **update}) if update else rule
 
 
 def fov_document(image: Path, result: FovResult, overlay: Path | None) -> dict[str, Any]:
@@ -42,6 +71,7 @@ def fov_document(image: Path, result: FovResult, overlay: Path | None) -> dict[s
         "tumour_area_mm2": result.tumour_area_mm2,
         "pixel_size_um": result.pixel_size_um,
         "warnings": list(result.warnings),
+        "clusters": result.clusters.model_dump(mode="json"),
         "overlay": str(overlay) if overlay else None,
     }
 
@@ -165,6 +195,13 @@ def format_table(report: Report) -> str:
         )
     case = report["case"]
     pct = case["percentages"]
+    if case.get("specimen") == "biopsy" and case.get("guideline") == "gastric":
+        for fov in report["fovs"]:
+            clusters = fov["clusters"]
+            lines.append(
+                f"  {Path(fov['image']).name}: largest cohesive clusters "
+                + ", ".join(f"{clusters[k]} of {k}{'' if k == '3+' else ' or more'}" for k in ("3+", "2+", "1+"))
+            )
     lines.append("-" * len(header))
     lines.append(
         f"{'case':<{width}}  {case['total']:>6}  "
@@ -180,5 +217,6 @@ def format_table(report: Report) -> str:
         extra.append("HER2-low" if case["score"] == "1+" else "HER2-low if ISH negative")
     lines.append(f"CASE HER2 IHC {score}: {case['status']}" + (f" ({', '.join(extra)})" if extra else ""))
     lines.append(f"  {case['reason']}")
+    lines.append(f"  rule: {guideline_label(case.get('guideline'), case.get('specimen'))}")
     lines.extend(f"  warning: {w}" for w in case["warnings"])
     return "\n".join(lines)

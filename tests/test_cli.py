@@ -35,6 +35,9 @@ FOV_KEYS = {
     "her2_low",
     "zero_subtype",
     "reason",
+    "guideline",
+    "specimen",
+    "clusters",
     "n_excluded_nuclei",
     "weak_threshold_od",
     "intense_threshold_od",
@@ -50,6 +53,8 @@ CASE_KEYS = {
     "her2_low",
     "zero_subtype",
     "reason",
+    "guideline",
+    "specimen",
     "counts",
     "total",
     "percentages",
@@ -423,3 +428,33 @@ def test_the_objective_sets_the_pixel_size() -> None:
     assert unknown.exit_code == 2 and "--objective '60x' is not in the configuration: 20x, 40x" in unknown.stderr
     both = runner.invoke(app, ["score", str(HER2_0), "--objective", "40x", "--pixel-size", "0.25"])
     assert both.exit_code == 2 and "not both" in both.stderr
+
+
+def test_score_with_the_gastric_biopsy_guideline(case_report: dict[str, Any]) -> None:
+    report = run_json(HER2_0, HER2_3PLUS, "--control", CONTROL, "--guideline", "gastric", "--specimen", "biopsy")
+    assert report["parameters"]["case_rule"]["guideline"] == "gastric"
+    assert report["parameters"]["case_rule"]["specimen"] == "biopsy"
+    case = report["case"]
+    assert (case["guideline"], case["specimen"]) == ("gastric", "biopsy")
+    assert case["reason"].startswith("gastric (biopsy): ")
+    three_plus = report["fovs"][1]
+    assert three_plus["clusters"]["3+"] >= 5  # a real 3+ field has nests of cohesive 3+ cells
+    assert case["score"] == "3+" and case["reason"].startswith("gastric (biopsy): a cluster of ")
+    assert case["zero_subtype"] is None and case["her2_low"] is False
+    # the same cells as the breast report: only the rule differs
+    assert [f["counts"] for f in report["fovs"]] == [f["counts"] for f in case_report["fovs"]]
+    assert case_report["case"]["guideline"] == "breast"
+    table = run("score", HER2_0, HER2_3PLUS, "--control", CONTROL, "--guideline", "gastric", "--specimen", "biopsy")
+    assert table.exit_code == 0, table.output
+    assert "rule: gastric, CAP/ASCP/ASCO 2016" in table.stdout and "largest cohesive clusters" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [
+        ("--guideline", "lung", "--guideline 'lung': use one of breast, gastric"),
+        ("--specimen", "cytology", "--specimen 'cytology': use one of resection, biopsy"),
+    ],
+)
+def test_score_rejects_an_unknown_guideline(option: str, value: str, fragment: str) -> None:
+    assert_input_error(run("score", HER2_0, option, value), fragment)
