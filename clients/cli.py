@@ -207,6 +207,14 @@ def rescore(
         list[str] | None,
         typer.Option("--set", help="Change one parameter, e.g. scoring.weak_threshold_od=0.12 (repeatable)."),
     ] = None,
+    guideline: Annotated[
+        str | None,
+        typer.Option("--guideline", help="Re-score by another guideline, breast or gastric [default: the case's]."),
+    ] = None,
+    specimen: Annotated[
+        str | None,
+        typer.Option("--specimen", help="Re-score as another specimen, resection or biopsy [default: the case's]."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as one JSON document.")] = False,
 ) -> None:
     """Re-score a recorded case from its log and images; with changed parameters, write a labelled result beside it.
@@ -216,7 +224,9 @@ def rescore(
     from clients.rescore import RescoreError, format_comparison, rescore_case
 
     try:
-        comparison = rescore_case(case_dir, config_path=config, overrides=overrides or [])
+        comparison = rescore_case(
+            case_dir, config_path=config, overrides=overrides or [], guideline=guideline, specimen=specimen
+        )
     except RescoreError as error:
         raise _fail(str(error)) from None
     if as_json:

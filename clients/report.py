@@ -81,6 +81,28 @@ def _iso(text: str | None) -> str:
         return text
 
 
+GUIDELINE_LABELS = {
+    "breast": "breast, ASCO/CAP 2018/2023 (0 split into null/ultralow, 2025)",
+    "gastric": "gastric, CAP/ASCP/ASCO 2016 gastroesophageal adenocarcinoma",
+}
+
+
+def guideline_label(guideline: str | None, specimen: str | None) -> str:
+    """How reports name a case's rule, e.g. "gastric, CAP/ASCP/ASCO 2016 ... (biopsy: by cohesive clusters)".
+
+    A record without a guideline (made before guidelines could be chosen) is a breast one.
+    """
+    guideline = str(guideline or "breast")
+    label = GUIDELINE_LABELS.get(guideline, guideline)
+    if guideline == "gastric":
+        label += (
+            " (biopsy: by cohesive clusters of tumour cells)"
+            if specimen == "biopsy"
+            else " (resection: by share of tumour cells)"
+        )
+    return label
+
+
 def _field(doc: object, name: str) -> Any:
     return getattr(doc, name, None)
 
@@ -184,7 +206,8 @@ def render_report(
     excluded = _excluded(actions, summary, stop)
     rois = _rois(actions)
     case = _case_result(stop, summary, latest)
-    cutoff = float(_field(_field(start, "rule"), "cutoff_percent") or 10.0) if start else 10.0
+    rule = _field(start, "rule") if start else None
+    cutoff = float(_field(rule, "cutoff_percent") or 10.0) if start else 10.0
 
     out: list[str] = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -223,6 +246,7 @@ def render_report(
     out.append(f"<div class='status'>{_e(case.get('status') or 'no FOV scored yet')}</div></div>")
     facts = [
         ("HER2-low / ultralow", _low_text(case.get("score"), case.get("her2_low"), case.get("zero_subtype"))),
+        ("Rule", guideline_label(_field(rule, "guideline"), _field(rule, "specimen"))),
         ("Why", case.get("reason") or "—"),
         ("Tumour cells", f"{case.get('total', 0)} in {case.get('n_fovs', 0)} FOV(s)"),
         ("Control", _control_text(start, docs, summary, stop)),

@@ -7,8 +7,10 @@ captured (BGR) and are scored with ``channel_order="BGR"``, exactly as the daemo
 parameters reproduce the recorded counts and case score exactly.
 
 Parameters: the recorded ones (the start document, then ``set-weak``), or ``--config`` (its ``[scoring]`` and
-``[case_rule]`` replace them; the case's adjustments still apply), then each ``--set`` on top. When the result
-differs in parameters from the recording, it is written to ``CASE_DIR/rescore-<UTC time>/`` (its own
+``[case_rule]`` replace them; the case's adjustments still apply), then each ``--set`` on top. The guideline and
+specimen kind are the case's, as recorded (a recording made before guidelines existed is a breast case), even
+with ``--config``: only ``--guideline``/``--specimen`` (or ``--set case_rule.guideline=...``) change them. When
+the result differs in parameters from the recording, it is written to ``CASE_DIR/rescore-<UTC time>/`` (its own
 ``events.jsonl``, ``report.html``, overlays and ``rescore.json``); the recorded files are never modified.
 """
 
@@ -201,7 +203,12 @@ def _read_bgr(path: Path) -> Any:
 
 
 def rescore_case(
-    case_dir: Path, *, config_path: Path | None = None, overrides: list[str] | None = None
+    case_dir: Path,
+    *,
+    config_path: Path | None = None,
+    overrides: list[str] | None = None,
+    guideline: str | None = None,
+    specimen: str | None = None,
 ) -> dict[str, Any]:
     """Re-score ``case_dir``; return the comparison (old vs new per FOV and case). See the module docstring.
 
@@ -213,7 +220,8 @@ def rescore_case(
     from scoring import analyse_fov, calibrate_from_control, score_case
 
     case = RecordedCase(case_dir)
-    parsed = parse_overrides(list(overrides or []))
+    chosen = [f"case_rule.{k}={v}" for k, v in (("guideline", guideline), ("specimen", specimen)) if v is not None]
+    parsed = parse_overrides([*(overrides or []), *chosen])
     recorded = (case.recorded_params(), case.start.rule)
     if config_path is not None:
         from config.app import ConfigError, load_config
@@ -222,7 +230,9 @@ def rescore_case(
             config = load_config(config_path)
         except ConfigError as error:
             raise RescoreError(str(error)) from None
-        base = (case._with_weak(config.scoring), config.case_rule)
+        # the guideline belongs to the case (which tissue, which specimen), not to the configuration
+        kept = {"guideline": case.start.rule.guideline, "specimen": case.start.rule.specimen}
+        base = (case._with_weak(config.scoring), config.case_rule.model_copy(update=kept))
     else:
         base = recorded
     params, rule = apply_overrides(base[0], base[1], parsed)
@@ -342,6 +352,8 @@ def rescore_case(
         "her2_low": new_case.call.her2_low,
         "zero_subtype": new_case.call.zero_subtype.value if new_case.call.zero_subtype else None,
         "reason": new_case.call.reason,
+        "guideline": new_case.call.guideline.value,
+        "specimen": new_case.call.specimen.value,
         "warnings": list(new_case.warnings),
     }
     case_same = old_case["score"] == new_case_doc["score"] and (
@@ -495,6 +507,8 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         lines.extend(f"  {key}: {old} → {new}" for key, (old, new) in comparison["changes"].items())
     else:
         lines.append("re-scored with the recorded parameters")
+    new_case = comparison["case"]["new"]
+    lines.append(f"rule: {new_case['guideline']} ({new_case['specimen']}): {new_case['reason']}")
     header = (
         f"{'FOV':<12} {'kind':<8} {'recorded 0/1+/2+/3+':>22} {'score':>6}   {'re-scored 0/1+/2+/3+':>22} {'score':>6}"
     )

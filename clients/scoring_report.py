@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.images import InputError, read_rgb, write_rgb
+from clients.report import guideline_label
 from config.scoring import CaseRule, Guideline, ScoringParams, Specimen
 from scoring import analyse_fov, calibrate_from_control, score_case
 from scoring.overlay import DEFAULT_LAYERS, render_overlay
@@ -27,21 +28,6 @@ def _call_fields(call: ScoreCall) -> dict[str, Any]:
         "guideline": call.guideline.value,
         "specimen": call.specimen.value,
     }
-
-
-GUIDELINE_LABELS = {
-    "breast": "breast, ASCO/CAP 2018/2023 (0 split into null/ultralow, 2025)",
-    "gastric": "gastric, CAP/ASCP/ASCO 2016 gastroesophageal adenocarcinoma",
-}
-
-
-def guideline_label(guideline: str | None, specimen: str | None) -> str:
-    """How reports name a case's rule, e.g. "gastric, CAP/ASCP/ASCO 2016 ... (biopsy: cohesive clusters)"."""
-    guideline = guideline or "breast"
-    label = GUIDELINE_LABELS.get(guideline, guideline)
-    if guideline == "gastric":
-        label += " (biopsy: cohesive clusters of ≥ 5 cells)" if specimen == "biopsy" else " (resection: ≥ 10% of cells)"
-    return label
 
 
 def chosen_rule(rule: CaseRule, guideline: str | None, specimen: str | None) -> CaseRule:
