@@ -47,7 +47,8 @@ class of each cell under that guideline (``SyntheticCell.truth_class``). Per fie
 - per-cell agreement: each detected cell is matched to at most one truth cell and vice versa, nearest pairs
   first, when it lies within half a tumour cell diameter (6 µm) of the truth cell's centre or of its nucleus'
   centre. Found: matched truth cells / truth cells; in class: matched cells whose detected class is the truth
-  class (under the guideline scored) / matched cells; false positives: detected cells matched to no truth cell.
+  class (under the guideline scored) / matched cells; false positives: detected cells matched to no truth cell
+  (FP oth: those of them on a lymphocyte, fibroblast or smooth-muscle nucleus of the truth, matched likewise).
 
 Fields without tumour (stroma, muscle, lymphocytes, glass) must be called "not assessable"; their call and
 their number of counted cells are reported.
@@ -656,6 +657,7 @@ class SyntheticFigures:
     found: float
     in_class: float
     false_positives: int
+    false_positives_on_other_nuclei: int
     ours: str
     truth_call: str
 
@@ -691,6 +693,11 @@ def fov_figures(
     same = sum(1 for d, t in matches if result.cells[d].her2_class.value == truth_classes[t])
     n_truth = len(fov.cells)
     truth_call = call_score(ClassCounts.model_validate(truth_counts), rule)
+    # False positives on a lymphocyte, fibroblast or smooth-muscle nucleus of the truth (hard renderer only).
+    unmatched = np.delete(detected, [d for d, _ in matches], axis=0)
+    others = getattr(fov, "other_nuclei", ())
+    other_rc = np.array([[n.row, n.col] for n in others], dtype=np.float64).reshape(-1, 2)
+    on_others = len(match_cells(unmatched, other_rc, other_rc, radius_px))
     return {
         "n_truth": n_truth,
         "n_detected": len(result.cells),
@@ -699,6 +706,7 @@ def fov_figures(
         "found": len(matches) / n_truth if n_truth else math.nan,
         "in_class": same / len(matches) if matches else math.nan,
         "false_positives": len(result.cells) - len(matches),
+        "false_positives_on_other_nuclei": on_others,
         "truth_call": truth_call.score.value if truth_call.score else "n/a",
     }
 
@@ -842,7 +850,7 @@ def print_synthetic(
         print(f"  note: {note}")
     header = (
         f"{'batch':>5} {'mix':8} {'control':8} {'truth':>5} {'cells':>5} {'ratio':>5} {'share err':>9} "
-        f"{'found':>5} {'in class':>8} {'FP':>4} {'ours':>4} {'truth call':>10}"
+        f"{'found':>5} {'in class':>8} {'FP':>4} {'FP oth':>6} {'ours':>4} {'truth call':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -851,7 +859,7 @@ def print_synthetic(
         print(
             f"{f.batch_strength:5.2f} {f.mix:8} {'3+ ctrl' if f.control else 'default':8} {f.n_truth:5d} "
             f"{f.n_detected:5d} {f.count_ratio:5.2f} {f.class_share_error:9.3f} {f.found:5.2f} {f.in_class:8.2f} "
-            f"{f.false_positives:4d} {f.ours:>4} {f.truth_call:>10}"
+            f"{f.false_positives:4d} {f.false_positives_on_other_nuclei:6d} {f.ours:>4} {f.truth_call:>10}"
         )
     print("averages:")
     for control in (True, False):
@@ -865,7 +873,8 @@ def print_synthetic(
                 f"{'all' if strength is None else f'{strength:.2f}':>4}:"
                 f" share err {_mean(f.class_share_error for f in group):.3f}, count ratio "
                 f"{_mean(f.count_ratio for f in group):.2f}, found {_mean(f.found for f in group):.2f}, in class "
-                f"{_mean(f.in_class for f in group):.2f}, FP {_mean(f.false_positives for f in group):.0f}/field, "
+                f"{_mean(f.in_class for f in group):.2f}, FP {_mean(f.false_positives for f in group):.0f}/field "
+                f"({_mean(f.false_positives_on_other_nuclei for f in group):.0f} on other nuclei), "
                 f"field calls right {right}/{len(group)}"
             )
     print("fields without tumour (must be 'not assessable'):")
