@@ -520,12 +520,13 @@ def agreement(runs: Sequence[CaseRun]) -> dict[str, Any]:
 def describe_rule() -> list[str]:
     """The field-cutting rule, as printed."""
     return [
-        f"Fields: five {FIELD_SHAPE[1]}x{FIELD_SHAPE[0]} windows per core. Tissue mask on {MASK_DOWNSCALE}x"
-        f"{MASK_DOWNSCALE} px blocks: total OD above glass (glass = {GLASS_PERCENTILE:g}th percentile per channel)",
-        f"> {TISSUE_OD}. Windows on a {WINDOW_STRIDE_PX} px grid, wholly inside the core image; taken greedily by "
-        "tissue fraction (largest first, ties top-left first), never overlapping.",
-        "Control: the 3+ core's first (most tissue-rich) field. With four cores, the 3+ core's fields are scored "
-        "with a control cut from the same core.",
+        f"Fields: {N_FIELDS} windows of {FIELD_SHAPE[1]}x{FIELD_SHAPE[0]} px per core, by a fixed rule:",
+        f"  tissue = {MASK_DOWNSCALE}x{MASK_DOWNSCALE} px blocks whose total OD above glass (glass = the "
+        f"{GLASS_PERCENTILE:g}th percentile of each channel) exceeds {TISSUE_OD};",
+        f"  windows on a {WINDOW_STRIDE_PX} px grid, wholly inside the image, taken greedily by tissue fraction "
+        "(largest first, ties top-left first), never overlapping.",
+        "Control: the 3+ core's first (most tissue-rich) field. With four cores, the 3+ core's own fields are "
+        "scored with a control cut from that same core.",
     ]
 
 
