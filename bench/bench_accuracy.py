@@ -534,6 +534,7 @@ def print_fields(cores: Sequence[Core], windows: Mapping[str, Sequence[FieldWind
     """Print every core's windows: corner (row, col) and tissue fraction."""
     for line in describe_rule():
         print(line)
+    print("per core: f<k> (top row, left column) in core pixels, tissue fraction; f1 is taken first")
     for core in cores:
         spots = "  ".join(
             f"f{i + 1} ({w.row},{w.col}) {100 * w.tissue_fraction:.1f}%" for i, w in enumerate(windows[core.file])
