@@ -10,13 +10,21 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from clients.viewer.palette import ACCENT, BAD, BGR, CLASS_BGR, GOOD, MUTED, STABILITY_COLOURS, TEXT, WARN
-from clients.viewer.state import SILENT_INTERVALS, ViewerState, case_entry, daemon_responding, silence_s
+from clients.viewer.state import (
+    SILENT_INTERVALS,
+    ViewerState,
+    case_entry,
+    daemon_responding,
+    rule_text,
+    silence_s,
+)
 from scoring.results import Her2Score
 
 HELP: tuple[tuple[str, str], ...] = (
     ("space", "capture"),
     ("k", "control"),
     ("n", "new case"),
+    ("g", "guideline"),
     ("x", "close case"),
     ("a", "auto-capture"),
     ("1-5", "layers"),
@@ -62,6 +70,13 @@ def status_segments(state: ViewerState) -> list[tuple[str, BGR]]:
     segments.append((f"camera {camera_state}{fps_text}", GOOD if camera_state == "live" else BAD))
     if status.get("objective"):
         segments.append((f"{status['objective']} ({status.get('pixel_size_um', '?')} µm/px)", TEXT))
+    if status.get("guideline"):
+        segments.append((rule_text(status["guideline"], status.get("specimen")), TEXT))
+    if state.next_rule is not None and (
+        status.get("case_id") is None
+        or rule_text(*state.next_rule) != rule_text(status.get("guideline"), status.get("specimen"))
+    ):
+        segments.append((f"next case: {rule_text(*state.next_rule)}", WARN))
     stability = str((state.preview_body or {}).get("stability") or status.get("stability", "?"))
     segments.append((stability, STABILITY_COLOURS.get(stability, MUTED)))
     calibrated = bool(status.get("control_calibrated"))

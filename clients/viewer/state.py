@@ -43,6 +43,9 @@ MODE_COMMANDS: Mapping[Mode, str] = {"roi": "set-roi", "weak": "set-weak", "inte
 
 EMPTY_CASE: Mapping[str, Any] = NO_CASE_SUMMARY
 
+#: The rules key g cycles through for the next case: (guideline, specimen).
+RULE_CHOICES: tuple[tuple[str, str], ...] = (("breast", "resection"), ("gastric", "resection"), ("gastric", "biopsy"))
+
 
 # --- state --------------------------------------------------------------------------------------------------------
 
@@ -106,6 +109,7 @@ class ViewerState:
     notice_error: bool = False
     malformed: int = 0
     last_malformed: str = ""
+    next_rule: tuple[str, str] | None = None  # (guideline, specimen) for key n; None: the daemon's configured one
 
 
 def initial_state(now: float, heartbeat_s: float = 1.0) -> ViewerState:
@@ -468,7 +472,8 @@ def _apply_reply(state: ViewerState, reply: Replied) -> ViewerState:
         case "capture" | "capture-control":
             return with_notice(state, f"captured {data.get('fov_id')}: scoring…")
         case "start-case":
-            return with_notice(state, f"case {data.get('case_id')} started")
+            rule = f" ({rule_text(data.get('guideline'), data.get('specimen'))})" if data.get("guideline") else ""
+            return with_notice(state, f"case {data.get('case_id')} started{rule}")
         case "close-case":
             return with_notice(state, f"case {data.get('case_id')} closed")
         case "auto-capture":
@@ -514,9 +519,13 @@ def press(state: ViewerState, key: int) -> tuple[ViewerState, tuple[Action, ...]
         " ": Send("capture"),
         "c": Send("capture"),
         "k": Send("capture-control"),
-        "n": Send("start-case"),
+        "n": Send("start-case", start_case_args(state)),
         "x": Send("close-case"),
     }
+    if char == "g":
+        chosen = _next_rule_choice(state)
+        text = f"next case: {rule_text(*chosen)} (press n to start it)"
+        return with_notice(dataclasses.replace(state, next_rule=chosen), text), ()
     if char in commands:
         return with_notice(state, f"{commands[char].command}…"), (commands[char],)
     if char == "a":
@@ -527,6 +536,31 @@ def press(state: ViewerState, key: int) -> tuple[ViewerState, tuple[Action, ...]
         command = "include" if entry is not None and entry.get("excluded") else "exclude"
         return state, (Send(command, {"fov_id": state.shown_fov}),)
     return state, ()
+
+
+def rule_text(guideline: object, specimen: object) -> str:
+    """A rule as the viewer words it: "breast", "gastric resection", "gastric biopsy"."""
+    return str(guideline) if guideline == "breast" or not specimen else f"{guideline} {specimen}"
+
+
+def start_case_args(state: ViewerState) -> Mapping[str, Any]:
+    """The start-case arguments for key n: the guideline picked with key g, if any."""
+    if state.next_rule is None:
+        return {}
+    guideline, specimen = state.next_rule
+    return {"guideline": guideline, "specimen": specimen}
+
+
+def _next_rule_choice(state: ViewerState) -> tuple[str, str]:
+    """The rule after the one picked (or, before any pick, after the open case's) in RULE_CHOICES."""
+    current = state.next_rule
+    if current is None:
+        status = state.status or {}
+        current = (str(status.get("guideline") or "breast"), str(status.get("specimen") or "resection"))
+        if current[0] == "breast":
+            current = RULE_CHOICES[0]  # the breast rule ignores the specimen
+    index = RULE_CHOICES.index(current) if current in RULE_CHOICES else -1
+    return RULE_CHOICES[(index + 1) % len(RULE_CHOICES)]
 
 
 def case_entry(state: ViewerState, fov_id: str) -> Mapping[str, Any] | None:
