@@ -34,13 +34,12 @@ against the pathologist's; a case scored "not assessable" counts as a miss and i
 
 Synthetic fields
 ----------------
-``scoring.synthetic`` renders fields whose every tumour cell is known: with its hard renderers
+``scoring.synthetic`` renders fields whose every tumour cell is known, with its hard renderers
 (``render_hard_fov`` / ``render_hard_control``: ring gaps, basolateral/lateral gland cells, pale and crowded nuclei,
-lymphocytes, fibroblasts, vignetting) when it has them, else with ``render_fov`` / ``render_control``; the output
-says which. For batch strengths 0.6, 0.8, 1.0, 1.25 and 1.5 and five class mixes (pure 0, 1+, 2+, 3+ and a mixed
-one; true shares under the gastric guideline for the hard renderer) one field and one 3+ control of the same batch
-strength are rendered; the field is scored with and without that control, under each guideline, against the truth
-class of each cell under that guideline (``SyntheticCell.truth_class``). Per field:
+lymphocytes, fibroblasts, vignetting). For batch strengths 0.6, 0.8, 1.0, 1.25 and 1.5 and five class mixes (pure
+0, 1+, 2+, 3+ and a mixed one, true shares under the gastric guideline) one field and one 3+ control of the same
+batch strength are rendered; the field is scored with and without that control, under each guideline, against the
+truth class of each cell under that guideline (``SyntheticCell.truth_class``). Per field:
 
 - class-share error: the mean over the four classes of |detected share − true share|, shares as fractions;
 - count ratio: detected tumour cells / true tumour cells;
@@ -63,7 +62,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -349,14 +348,6 @@ def class_share_error(detected: Mapping[str, int], truth: Mapping[str, int]) -> 
 def case_rule(guideline: str) -> CaseRule:
     """The case rule of ``guideline`` ("breast" or "gastric"; a gastric case is a resection, scored by shares)."""
     return CaseRule(guideline=Guideline(guideline))
-
-
-def truth_class(cell: synthetic.SyntheticCell, guideline: str) -> str:
-    """A synthetic cell's true HER2 class under ``guideline`` (the drawn class if the generator has no rule)."""
-    by_guideline: Callable[[str], object] | None = getattr(cell, "truth_class", None)
-    if by_guideline is None:
-        return cell.her2_class
-    return str(by_guideline(guideline))
 
 
 def score_label(result: CaseResult | FovResult | None) -> str:
@@ -684,7 +675,7 @@ def fov_figures(
     fov: synthetic.SyntheticFov, result: FovResult, guideline: str, rule: CaseRule, params: ScoringParams
 ) -> dict[str, Any]:
     """Class-share error, count ratio and per-cell agreement of ``result`` against ``fov``'s truth."""
-    truth_classes = [truth_class(cell, guideline) for cell in fov.cells]
+    truth_classes = [cell.truth_class(guideline) for cell in fov.cells]
     truth_counts = {k: truth_classes.count(k) for k in CLASSES}
     detected_counts = {k: result.counts[k] for k in CLASSES}
     detected = np.array([[c.row, c.col] for c in result.cells], dtype=np.float64).reshape(-1, 2)
@@ -695,10 +686,9 @@ def fov_figures(
     same = sum(1 for d, t in matches if result.cells[d].her2_class.value == truth_classes[t])
     n_truth = len(fov.cells)
     truth_call = call_score(ClassCounts.model_validate(truth_counts), rule)
-    # False positives on a lymphocyte, fibroblast or smooth-muscle nucleus of the truth (hard renderer only).
+    # False positives on a lymphocyte, fibroblast or smooth-muscle nucleus of the truth.
     unmatched = np.delete(detected, [d for d, _ in matches], axis=0)
-    others = getattr(fov, "other_nuclei", ())
-    other_rc = np.array([[n.row, n.col] for n in others], dtype=np.float64).reshape(-1, 2)
+    other_rc = np.array([[n.row, n.col] for n in fov.other_nuclei], dtype=np.float64).reshape(-1, 2)
     on_others = len(match_cells(unmatched, other_rc, other_rc, radius_px))
     return {
         "n_truth": n_truth,
@@ -713,55 +703,33 @@ def fov_figures(
     }
 
 
-def _hard_renderer(name: str) -> Callable[..., synthetic.SyntheticFov] | None:
-    """``scoring.synthetic``'s hard renderer ``name`` (render_hard_fov, render_hard_control), if it has one."""
-    renderer: Callable[..., synthetic.SyntheticFov] | None = getattr(synthetic, name, None)
-    return renderer
-
-
-def generator_note() -> str:
-    """Which renderers the synthetic figures come from, as printed."""
-    if _hard_renderer("render_hard_fov") and _hard_renderer("render_hard_control"):
-        return (
-            "generator: render_hard_fov / render_hard_control (ring gaps, basolateral/lateral gland cells, pale and "
-            f"crowded nuclei, lymphocytes, fibroblasts, vignetting); mixes are true shares under the "
-            f"{MIX_GUIDELINE} guideline"
-        )
-    return "generator: render_fov / render_control (this scoring.synthetic has no hard renderer)"
+GENERATOR_NOTE: Final = (
+    "generator: render_hard_fov / render_hard_control (ring gaps, basolateral/lateral gland cells, pale and crowded "
+    f"nuclei, lymphocytes, fibroblasts, vignetting); mixes are true shares under the {MIX_GUIDELINE} guideline"
+)
 
 
 def render_tumour_field(
     batch_strength: float, mix: Mapping[str, float], seed: int, shape: tuple[int, int] = FIELD_SHAPE
 ) -> synthetic.SyntheticFov:
-    """Render one synthetic tumour field of ``mix`` at ``batch_strength`` (hard renderer when there is one)."""
-    hard = _hard_renderer("render_hard_fov")
-    if hard is not None:
-        return hard(shape, PIXEL_SIZE_UM, dict(mix), batch_strength=batch_strength, seed=seed, guideline=MIX_GUIDELINE)
-    return synthetic.render_fov(shape, PIXEL_SIZE_UM, dict(mix), batch_strength=batch_strength, seed=seed)
+    """Render one hard synthetic tumour field of ``mix`` (true shares under ``MIX_GUIDELINE``)."""
+    return synthetic.render_hard_fov(
+        shape, PIXEL_SIZE_UM, dict(mix), batch_strength=batch_strength, seed=seed, guideline=MIX_GUIDELINE
+    )
 
 
 def render_synthetic_control(
     batch_strength: float, seed: int, shape: tuple[int, int] = FIELD_SHAPE
 ) -> synthetic.SyntheticFov:
-    """Render a synthetic 3+ positive control at ``batch_strength`` (hard renderer when there is one)."""
-    hard = _hard_renderer("render_hard_control")
-    if hard is not None:
-        return hard(shape, PIXEL_SIZE_UM, batch_strength=batch_strength, seed=seed)
-    return synthetic.render_control(shape, PIXEL_SIZE_UM, batch_strength=batch_strength, seed=seed)
+    """Render a hard synthetic 3+ positive control at ``batch_strength``."""
+    return synthetic.render_hard_control(shape, PIXEL_SIZE_UM, batch_strength=batch_strength, seed=seed)
 
 
 def render_non_tumour(kind: str, seed: int, shape: tuple[int, int] = FIELD_SHAPE) -> RGBImage | None:
-    """Render a field without tumour cells of ``kind``, or None when the generator has no such field."""
-    hard = _hard_renderer("render_hard_fov")
-    if hard is not None and kind in getattr(synthetic, "TISSUES", ()):
-        return hard(shape, PIXEL_SIZE_UM, tissue=kind, seed=seed).rgb
-    if kind == "glass":
-        rng = np.random.default_rng(seed)
-        glass = synthetic.blank_fov(shape).astype(np.float64) + rng.normal(0.0, 2.0, (*shape, 3))
-        return np.clip(np.rint(glass), 0, 255).astype(np.uint8)
-    if kind == "stroma":
-        return synthetic.render_fov(shape, PIXEL_SIZE_UM, {"0": 1.0}, tumour_fraction=0.0, seed=seed).rgb
-    return None
+    """Render a hard field without tumour cells of ``kind``, or None when the generator has no such tissue."""
+    if kind == "tumour" or kind not in synthetic.TISSUES:
+        return None
+    return synthetic.render_hard_fov(shape, PIXEL_SIZE_UM, tissue=kind, seed=seed).rgb
 
 
 def run_synthetic(
@@ -781,7 +749,7 @@ def run_synthetic(
     notes : what the reader must know (the generator used, fields it cannot render, calibration failures)
     """
     rules = {g: case_rule(g) for g in guidelines}
-    notes = [generator_note()]
+    notes = [GENERATOR_NOTE]
     figures: list[SyntheticFigures] = []
     controls: dict[float, dict[str, ControlCalibration | None]] = {}
     for s_index, strength in enumerate(strengths):
@@ -817,7 +785,7 @@ def run_synthetic(
     for k_index, kind in enumerate(non_tumour):
         image = render_non_tumour(kind, seed=700 + k_index, shape=shape)
         if image is None:
-            notes.append(f"the synthetic generator has no {kind} field yet: not scored")
+            notes.append(f"the synthetic generator has no {kind} field: not scored")
         for guideline in guidelines:
             rule = rules[guideline]
             for control in _control_modes(reference_control.get(guideline)):
