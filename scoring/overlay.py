@@ -222,6 +222,17 @@ def panel_lines(result: FovResult, case: CaseResult | None = None) -> list[tuple
             )
         )
     lines.append((call.reason, (230, 230, 230)))
+    rule = {"breast": "breast, ASCO/CAP 2018/2023", "gastric": f"gastric ({call.specimen.value}), CAP/ASCP/ASCO 2016"}
+    lines.append((f"rule: {rule.get(call.guideline.value, call.guideline.value)}", (200, 200, 200)))
+    if call.guideline.value == "gastric" and call.specimen.value == "biopsy":
+        clusters = result.clusters
+        lines.append(
+            (
+                f"largest cohesive clusters: 3+ {clusters.three_plus}, 2+/3+ {clusters.two_plus}, "
+                f"1+ or more {clusters.one_plus}",
+                (200, 200, 200),
+            )
+        )
     lines.append(
         (
             f"intense > {result.intense_threshold_od:.2f} OD ({result.intense_threshold_source.value})",

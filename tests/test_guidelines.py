@@ -248,3 +248,19 @@ def test_bad_guideline_settings_are_named(tmp_path: Path, text: str, expected: s
     assert expected in str(info.value)
     if "guideline" in text:
         assert "breast" in str(info.value) and "gastric" in str(info.value)  # says what is allowed
+
+
+# --- the overlay panel says which rule applied and why ---------------------------------------------------------
+
+
+def test_the_overlay_panel_names_the_rule_and_a_biopsys_clusters() -> None:
+    from scoring.overlay import panel_lines
+
+    biopsy = fov([*sea_of_zero(), *nest(7, Her2Score.THREE_PLUS, (1000.0, 0.0))], BIOPSY)
+    texts = [text for text, _ in panel_lines(biopsy)]
+    assert "gastric (biopsy): a cluster of 7 cohesive 3+ cells" in texts
+    assert "rule: gastric (biopsy), CAP/ASCP/ASCO 2016" in texts
+    assert "largest cohesive clusters: 3+ 7, 2+/3+ 7, 1+ or more 7" in texts
+    breast = fov(sea_of_zero(), CaseRule())
+    texts = [text for text, _ in panel_lines(breast)]
+    assert "rule: breast, ASCO/CAP 2018/2023" in texts and not any("clusters" in t for t in texts)
