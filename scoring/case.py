@@ -25,9 +25,10 @@ gap). A biopsy is scored by a "Tumor cell cluster (≥ 5 cells)" with that react
 of tumor cells stained"; 0 is "no membranous reactivity in any (or < 5 clustered) tumor cells".
 
 - Resection: 3+ if p(3+) ≥ 10%; else 2+ if p(2+) + p(3+) ≥ 10%; else 1+ if p(1+) + p(2+) + p(3+) ≥ 10%;
-  else 0. The per-cell classes already count lateral and basolateral (U-shaped) membranes, which the gastric
-  guideline scores as complete ones: this module only counts. No unusual-pattern 2+ (the gastric guideline has
-  none) and no null/ultralow split (a breast consensus); HER2-low is a breast category and stays false.
+  else 0. The gastric guideline scores lateral and basolateral (U-shaped) membranes like complete ones;
+  recognising them is the per-cell classification's task: this module only counts the classes it is given. No
+  unusual-pattern 2+ (the gastric guideline has none) and no null/ultralow split (a breast consensus); HER2-low
+  is a breast category and stays false.
 - Biopsy: the highest class k for which a cohesive cluster of at least ``cluster_min_cells`` cells, each of
   class k or higher, exists (3+, then 2+, then 1+), whatever their share and however few the case's cells;
   else 0 — but only with ``min_tumour_cells`` counted, else "not assessable". Clusters come from
