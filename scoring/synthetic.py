@@ -62,6 +62,7 @@ __all__ = [
     "HARD_LYMPHOCYTE_DENSITY",
     "HARD_NOISE_SIGMA",
     "HARD_NUCLEUS_CROWDING",
+    "HARD_NUCLEUS_DIAMETER_UM",
     "HARD_PALE_NUCLEUS_FRACTION",
     "HARD_VIGNETTE",
     "HER2_CLASSES",
@@ -199,6 +200,10 @@ HARD_VIGNETTE: Final[float] = 0.18
 """Fall-off of the incident light to the farthest corner (10–25% is typical of a microscope camera without
 flat-field correction); the optical centre is off the image centre by up to ``_HARD_VIGNETTE_OFFSET``."""
 
+HARD_NUCLEUS_DIAMETER_UM: Final[float] = 7.0
+"""Tumour nucleus diameter in :func:`render_hard_fov`: carcinoma nuclei (7–9 µm) are at least as large as
+lymphocytes (5–7 µm), so size alone does not tell them apart."""
+
 HARD_BLUR_UM: Final[float] = 0.6
 """Optical blur sigma, µm: a 40x/0.65 objective slightly out of focus."""
 
@@ -219,7 +224,7 @@ _LYMPHOCYTE_PITCH_UM: Final = 8.0  # lattice pitch of a dense infiltrate (lympho
 _LYMPHOCYTE_JITTER_UM: Final = 1.5  # sigma of the random displacement of each lymphocyte
 _LYMPHOCYTE_REACH_UM: Final = 25.0  # the scattered infiltrate thins out over this distance from the nests
 _COLUMNAR_NUCLEUS_ASPECT: Final = (1.3, 1.8)  # elongated nuclei along the cell axis
-_APICAL_MIN_UM: Final = 3.0  # narrowest apical side of a gland cell (fewer cells around a small lumen)
+_APICAL_MIN_UM: Final = 1.5  # narrowest apical side of a gland cell (fewer cells around a small lumen)
 
 # Stain levels (OD) of the tissue components.
 _STROMA_H_MEAN: Final = 0.055
@@ -854,8 +859,8 @@ def render_hard_fov(
     """Render a hard, realistic field: :func:`render_fov` with every difficulty on at the ``HARD_*`` levels.
 
     Complete rings have gaps (``RING_GAP_UM``); ``gland_fraction`` of the tumour is columnar glands with
-    basolateral/lateral membranes; ``HARD_PALE_NUCLEUS_FRACTION`` of the nuclei are pale and
-    ``HARD_NUCLEUS_CROWDING`` of the solid-nest cells have crowded nuclei; the stroma has fibroblasts
+    basolateral/lateral membranes; nuclei are ``HARD_NUCLEUS_DIAMETER_UM``, ``HARD_PALE_NUCLEUS_FRACTION`` of them
+    pale, and ``HARD_NUCLEUS_CROWDING`` of the solid-nest cells have crowded nuclei; the stroma has fibroblasts
     (``FIBROBLAST_LENGTH_UM`` x ``FIBROBLAST_WIDTH_UM``) and ``HARD_LYMPHOCYTE_DENSITY`` lymphocytes; the light
     falls off by ``HARD_VIGNETTE`` to the farthest corner from an optical centre off the image centre (drawn from
     the seed); blur ``HARD_BLUR_UM`` and noise ``HARD_NOISE_SIGMA``.
@@ -895,6 +900,7 @@ def render_hard_fov(
         "fibroblast_size_um": (FIBROBLAST_LENGTH_UM, FIBROBLAST_WIDTH_UM),
         "vignette": HARD_VIGNETTE,
         "vignette_centre": (0.5 + float(offset[0]), 0.5 + float(offset[1])),
+        "nucleus_diameter_um": HARD_NUCLEUS_DIAMETER_UM,
         "blur_um": HARD_BLUR_UM,
         "noise_sigma": HARD_NOISE_SIGMA,
         "fractions_guideline": guideline,
