@@ -872,7 +872,7 @@ def _jsonable(value: object) -> object:
 
 def _relative(path: Path) -> str:
     try:
-        return os.path.relpath(path.resolve(), ROOT)
+        return os.path.relpath(path.absolute(), ROOT)
     except ValueError:
         return str(path)
 
