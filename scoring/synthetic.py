@@ -10,10 +10,10 @@ where ``h`` and ``d`` are the unit-normalised stain OD vectors (Ruifrok & Johnst
 blur, camera noise and an optional JPEG round trip follow.
 
 The tissue is glass, fibrous stroma with sparse elongated stroma nuclei, and tumour cells grouped in irregular
-nests. Every tumour cell is an ellipse with a nucleus and a DAB membrane ring whose intensity and completeness
-follow its HER2 class (``MEMBRANE_DAB_OD``): 3+ intense complete, 2+ weak-to-moderate complete, 1+ faint
-incomplete, 0 none. Classes are assigned per nest (tumours are regionally heterogeneous) so that the per-cell
-fractions match the requested mix.
+nests. Every nest cell is an ellipse (gland cells, below, are wedge-shaped polygons) with a nucleus and a DAB
+membrane ring whose intensity and completeness follow its HER2 class (``MEMBRANE_DAB_OD``): 3+ intense
+complete, 2+ weak-to-moderate complete, 1+ faint incomplete, 0 none. Classes are assigned per nest (tumours are
+regionally heterogeneous) so that the per-cell fractions match the requested mix.
 
 All geometry is specified in µm and converted with ``pixel_size_um`` (µm/px); coordinates are (row, col) with
 pixel centres at integer positions. The module is pure: no I/O, no logging, no global random state; the output
@@ -1055,6 +1055,18 @@ class _CellGeometry:
     area_px: float = 0.0  # polygon area of a gland cell
 
 
+@dataclass(frozen=True, slots=True)
+class _WedgeHalfWidth:
+    """Half-width of a gland cell at distance ``x`` (px) from the gland centre: its lateral sides run parallel to
+    the boundaries of its wedge (half-angle pi/n), ``gap / 2`` inside them."""
+
+    n: int
+    gap: float
+
+    def __call__(self, x: float | NDArray[np.float64]) -> float | NDArray[np.float64]:
+        return (x * math.sin(math.pi / self.n) - 0.5 * self.gap) / math.cos(math.pi / self.n)
+
+
 def _f32(array: object) -> NDArray[np.float32]:
     """View a cv2 result as a float32 array (no copy when it already is one)."""
     return np.asarray(array, dtype=np.float32)
@@ -1593,12 +1605,7 @@ class _Scene:
             _ellipse(self.tumour, centre[0], centre[1], (r_lumen, r_lumen), 0.0, 0)
             _ellipse(lumen, centre[0], centre[1], (r_lumen, r_lumen), 0.0, 1)
             theta0 = rng.uniform(0.0, 2.0 * np.pi / n)
-            sin_w, cos_w = math.sin(math.pi / n), math.cos(math.pi / n)
-
-            def half_width(x: float | NDArray[np.float64]) -> float | NDArray[np.float64]:
-                """Half-width of a cell at distance ``x`` from the gland centre (lateral sides gap/2 inside)."""
-                return (x * sin_w - 0.5 * gap) / cos_w  # noqa: B023 - used within this iteration only
-
+            half_width = _WedgeHalfWidth(n, gap)
             for k in range(n):
                 theta = theta0 + 2.0 * np.pi * k / n
                 basal = r_lumen + height * rng.uniform(0.9, 1.0)
