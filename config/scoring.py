@@ -55,6 +55,14 @@ def _unit(v: Vector3) -> Vector3:
     return (v[0] / n, v[1] / n, v[2] / n)
 
 
+class MembraneMethod(StrEnum):
+    """How membrane staining is measured: per tumour cell (the default) or by the published method's contour
+    hierarchy of the stain masks."""
+
+    PER_CELL = "per-cell"
+    CONTOUR_HIERARCHY = "contour-hierarchy"
+
+
 class ScoringParams(_Frozen):
     """Parameters of the per-FOV scoring pipeline (Ruifrok deconvolution → masks → membranes → nuclei → counts).
 
@@ -63,6 +71,12 @@ class ScoringParams(_Frozen):
     """
 
     stains: StainVectors = StainVectors()
+    membrane_method: MembraneMethod = Field(
+        MembraneMethod.PER_CELL,
+        description="per-cell: each tumour nucleus casts rays to its cell's boundary and the membrane DAB is "
+        "measured along them (completeness, pattern, intensity per cell). contour-hierarchy: the published "
+        "method, complete membranes as holes of the thresholded stain masks.",
+    )
     analysis_pixel_size_um: PositiveUm = Field(
         0.5,
         description="Images finer than this are downsampled to it before analysis: membranes (~1 µm) stay "
@@ -110,10 +124,65 @@ class ScoringParams(_Frozen):
         description="Least area / convex-hull area of a complete membrane's interior: cells are roughly convex, "
         "the concave pocket between three round neighbours (about 0.6) is no cell.",
     )
+    control_cell_intense_fraction: Annotated[float, Field(gt=0.0, le=2.0)] = Field(
+        0.7,
+        description="per-cell method: the intense threshold is this fraction of the median membrane DAB OD of the "
+        "control's stained tumour cells, the geometric middle between the control's intense level and a moderate "
+        "one at half its OD (sqrt(0.5) ~ 0.7): a ring within that of the control's is intense.",
+    )
+    moderate_fraction_of_intense: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.5,
+        description="per-cell method: weak-to-moderate staining (2+) starts at this fraction of the intense "
+        "threshold; fainter staining is 'faint/barely perceptible' (1+). The guidelines' magnification rule spaces "
+        "the grades: strong is seen at 2.5-5x, weak to moderate at 10-20x, faint only at 40x; each step is about "
+        "half the contrast.",
+    )
+    nucleus_min_contrast_od: OpticalDensity = Field(
+        0.015,
+        description="per-cell method: a nucleus is a haematoxylin blob standing at least this OD above its "
+        "surroundings at nucleus scale (difference of Gaussians); pale, faded nuclei are found by their contrast, "
+        "not their absolute darkness.",
+    )
+    min_tumour_nucleus_area_um2: PositiveUm = Field(
+        22.0,
+        description="per-cell method: smaller nuclei (below ~5.3 µm across) are lymphocytes or debris, not "
+        "carcinoma cells, whose nuclei are 6-12 µm across.",
+    )
+    min_tumour_nucleus_width_um: PositiveUm = Field(
+        4.0,
+        description="per-cell method: thinner nuclei are fibroblasts, endothelium or smooth muscle (2-4 µm wide).",
+    )
+    max_tumour_nucleus_anisotropy: Annotated[float, Field(ge=1.0, le=100.0)] = Field(
+        3.0,
+        description="per-cell method: nuclei whose haematoxylin curves more than this many times as sharply across "
+        "as along (Hessian at a quarter nucleus diameter) are spindle cells of stroma or smooth muscle; round to "
+        "oval tumour nuclei, columnar ones included, stay under it.",
+    )
+    cohesion_distance_um: PositiveUm = Field(
+        20.0,
+        description="per-cell method: tumour cells are cohesive (sheets, glands, nests): a tumour nucleus has "
+        "min_cohesive_neighbours tumour-like nuclei within this distance (under two cell diameters).",
+    )
+    min_cohesive_neighbours: Annotated[int, Field(ge=0, le=20)] = Field(
+        2,
+        description="per-cell method: see cohesion_distance_um; a cell in a sheet, gland or single-file cord has at "
+        "least two such neighbours, a scattered stromal cell fewer.",
+    )
+    max_cell_radius_um: PositiveUm = Field(
+        12.0,
+        description="per-cell method: rays end this far from the nucleus centre at most (a tall columnar cell).",
+    )
+    membrane_search_margin_um: Annotated[float, Field(ge=0.0, le=20.0)] = Field(
+        1.5,
+        description="per-cell method: a ray looks for the membrane up to this far beyond the midline to the "
+        "neighbouring nucleus (the membrane is rarely exactly half-way).",
+    )
     haematoxylin_threshold_od: OpticalDensity = Field(
         0.12, description="H OD above which a pixel may be nuclear (nuclei are then found as local maxima)."
     )
-    nucleus_diameter_um: PositiveUm = Field(6.0, description="Typical tumour nucleus diameter.")
+    nucleus_diameter_um: PositiveUm = Field(
+        8.0, description="Typical tumour nucleus diameter (carcinoma nuclei are 6-12 µm across)."
+    )
     tumour_region_closing_um: PositiveUm = Field(
         8.0,
         description="The tumour region is the stained area (nuclei and DAB) closed by this radius, which joins "

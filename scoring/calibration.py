@@ -2,7 +2,14 @@
 from a region of typical weak staining.
 
 The positive control is 3+ tissue stained in the same batch, so its membranes show what "intense" looks like for
-this batch. Its stained membrane pixels are those of M_weak inside its tumour region. Their DAB OD spreads from
+this batch.
+
+Per-cell method (the default): the control's tumour cells are measured like any FOV's; the median membrane DAB OD
+of those with stained membrane is the batch's intense level, and the intense threshold is
+``control_cell_intense_fraction`` (0.7) of it: the geometric middle between that level and a moderate one at
+half its OD. A ring within that of the control's is intense.
+
+Contour-hierarchy method: its stained membrane pixels are those of M_weak inside its tumour region. Their DAB OD spreads from
 the weak threshold (membrane edges, blurred) to the ridge of the membranes; the mean over the percentile range
 ``control_percentile_range`` (default the 50th–95th, the upper half without the darkest outliers) is the typical
 membrane ridge OD of this batch. The intense threshold is ``control_intense_fraction`` of it: a 3+ membrane of
@@ -21,12 +28,14 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.scoring import CaseRule, ScoringParams
+from config.scoring import CaseRule, MembraneMethod, ScoringParams
 from scoring.pipeline import RowCol, analyse_fov, polygon_mask, prepare, stain_masks
-from scoring.results import ClassCounts, ControlCalibration, Her2Score, ThresholdSource
+from scoring.results import ClassCounts, ControlCalibration, Her2Score, MembranePattern, ThresholdSource
 
 #: Fewer stained membrane pixels than this area cannot calibrate anything (a few cells' worth).
 _MIN_MEMBRANE_AREA_UM2 = 200.0
+#: Per-cell method: fewer stained tumour cells than this cannot tell the batch's intense level.
+_MIN_CONTROL_CELLS = 20
 
 
 def calibrate_from_control(
@@ -54,24 +63,17 @@ def calibrate_from_control(
     """
     params = params or ScoringParams()
     rule = rule or CaseRule()
-    analysis = prepare(image, pixel_size_um, params, channel_order)
-    px = analysis.pixel_size_um
-    masks = stain_masks(analysis, params, params.default_intense_threshold_od)
-    region = masks.tumour_region
-    if region_polygon is not None:
-        region = region & polygon_mask(region_polygon, analysis)
-        source = ThresholdSource.CONTROL_REGION
+    source = ThresholdSource.CONTROL if region_polygon is None else ThresholdSource.CONTROL_REGION
+    if params.membrane_method == MembraneMethod.PER_CELL:
+        ridge, n_membrane = _control_cells_ridge(image, pixel_size_um, params, region_polygon, rule, channel_order)
     else:
-        source = ThresholdSource.CONTROL
-    membrane_od = analysis.densities.dab[masks.weak & region]
-    min_pixels = _MIN_MEMBRANE_AREA_UM2 / (px * px)
-    if membrane_od.size < min_pixels:
-        raise ValueError(
-            f"the positive control has {membrane_od.size * px * px:.0f} µm² of stained membrane, less than the "
-            f"{_MIN_MEMBRANE_AREA_UM2:.0f} µm² needed to calibrate: is this the control tissue, in focus?"
-        )
-    ridge = range_mean(membrane_od, params.control_percentile_range)
-    threshold = params.control_intense_fraction * ridge
+        ridge, n_membrane = _control_pixels_ridge(image, pixel_size_um, params, region_polygon, channel_order)
+    fraction = (
+        params.control_cell_intense_fraction
+        if params.membrane_method == MembraneMethod.PER_CELL
+        else params.control_intense_fraction
+    )
+    threshold = fraction * ridge
     warnings: list[str] = []
     if threshold <= 1.5 * params.weak_threshold_od:
         warnings.append(
@@ -84,7 +86,7 @@ def calibrate_from_control(
         source=source,
         membrane_ridge_od=ridge,
         percentile_range=params.control_percentile_range,
-        n_membrane_pixels=int(membrane_od.size),
+        n_membrane_pixels=n_membrane,
         control_counts=ClassCounts(),
         control_score=None,
         qc_passed=False,
@@ -119,6 +121,56 @@ def calibrate_from_control(
             "warnings": tuple(warnings),
         }
     )
+
+
+def _control_pixels_ridge(
+    image: npt.NDArray[np.generic],
+    pixel_size_um: float,
+    params: ScoringParams,
+    region_polygon: Sequence[RowCol] | None,
+    channel_order: str,
+) -> tuple[float, int]:
+    """Contour-hierarchy method: the mean DAB OD of the control's stained membrane pixels (M_weak in its tumour
+    region) between the percentiles of ``control_percentile_range``, and how many pixels that was."""
+    analysis = prepare(image, pixel_size_um, params, channel_order)
+    px = analysis.pixel_size_um
+    masks = stain_masks(analysis, params, params.default_intense_threshold_od)
+    region = masks.tumour_region
+    if region_polygon is not None:
+        region = region & polygon_mask(region_polygon, analysis)
+    membrane_od = analysis.densities.dab[masks.weak & region]
+    min_pixels = _MIN_MEMBRANE_AREA_UM2 / (px * px)
+    if membrane_od.size < min_pixels:
+        raise ValueError(
+            f"the positive control has {membrane_od.size * px * px:.0f} µm² of stained membrane, less than the "
+            f"{_MIN_MEMBRANE_AREA_UM2:.0f} µm² needed to calibrate: is this the control tissue, in focus?"
+        )
+    return range_mean(membrane_od, params.control_percentile_range), int(membrane_od.size)
+
+
+def _control_cells_ridge(
+    image: npt.NDArray[np.generic],
+    pixel_size_um: float,
+    params: ScoringParams,
+    region_polygon: Sequence[RowCol] | None,
+    rule: CaseRule,
+    channel_order: str,
+) -> tuple[float, int]:
+    """Per-cell method: the median membrane DAB OD of the control's tumour cells with stained membrane (a 3+
+    control's cells are its intense level), and how many stained membrane pixels the control has."""
+    analysis = analyse_fov(
+        image, pixel_size_um, params, roi_polygon=region_polygon, rule=rule, channel_order=channel_order
+    )
+    ring_od = np.array(
+        [c.membrane_od for c in analysis.result.cells if c.pattern not in (None, MembranePattern.NONE)],
+        dtype=np.float64,
+    )
+    if ring_od.size < _MIN_CONTROL_CELLS:
+        raise ValueError(
+            f"the positive control has {ring_od.size} tumour cells with stained membrane, fewer than the "
+            f"{_MIN_CONTROL_CELLS} needed to calibrate: is this the control tissue, in focus?"
+        )
+    return float(np.median(ring_od)), int(analysis.weak.sum())
 
 
 def range_mean(values: npt.NDArray[np.float32], percentile_range: tuple[float, float]) -> float:

@@ -1,10 +1,13 @@
 """Overlay layers that show why a FOV got its score, each an RGBA image that can be shown or hidden.
 
-- ``cells``: every counted tumour cell as a ring coloured by class (0 blue, 1+ yellow, 2+ orange, 3+ red);
-  nuclei next to intense staining, counted in no class, as small grey crosses.
+- ``cells``: every counted tumour cell as a dot on its nucleus coloured by class (0 blue, 1+ yellow, 2+ orange,
+  3+ red); nuclei counted in no class (per-cell method: stroma, muscle, lymphocytes; contour method: next to
+  intense staining) as small grey crosses.
 - ``intensity``: the skeleton of the stained area, red where intense (M_intense), yellow where weak or moderate
   (M_weak − M_intense).
-- ``completeness``: the innermost complete membrane contours, red for intense (3+), green for weak/moderate (2+).
+- ``completeness``: per-cell method, each tumour cell's ring as its rays measured it, coloured where it is
+  stained: red intense, yellow weak to moderate, thin grey unstained; contour method, the innermost complete
+  membrane contours, red for intense (3+), green for weak/moderate (2+).
 - ``region``: the outline of the tumour region the cells were counted in.
 - ``panel``: counts, percentages, the score with its reason and the threshold's source.
 
@@ -41,6 +44,7 @@ INTENSE_COLOUR: RGB = (230, 20, 20)
 WEAK_COLOUR: RGB = (255, 225, 0)
 COMPLETE_WEAK_COLOUR: RGB = (0, 200, 60)
 EXCLUDED_COLOUR: RGB = (150, 150, 150)
+UNSTAINED_COLOUR: RGB = (190, 190, 190)
 REGION_COLOUR: RGB = (0, 200, 220)
 _FONT = cv2.FONT_HERSHEY_DUPLEX
 
@@ -133,12 +137,18 @@ def _cells_layer(
 ) -> npt.NDArray[np.uint8]:
     layer = _blank(canvas.shape)
     radius = max(4, round(2.5 * um))
+    dot = max(3, round(1.2 * um))
     thickness = max(2, round(0.5 * um))
     positions = canvas.points(np.array([(c.row, c.col) for c in result.cells], dtype=np.float64).reshape(-1, 2))
     for cell, (row, col) in zip(result.cells, positions, strict=True):
         centre = (round(col), round(row))
+        colour = _rgba(CLASS_COLOURS[cell.her2_class])
+        if cell.ring_radii_um:  # per-cell: the ring is drawn by the completeness layer; a dot marks the class
+            cv2.circle(layer, centre, dot + 1, (0, 0, 0, 200), cv2.FILLED, cv2.LINE_AA)
+            cv2.circle(layer, centre, dot, colour, cv2.FILLED, cv2.LINE_AA)
+            continue
         cv2.circle(layer, centre, radius + thickness, (0, 0, 0, 160), thickness, cv2.LINE_AA)
-        cv2.circle(layer, centre, radius, _rgba(CLASS_COLOURS[cell.her2_class]), thickness, cv2.LINE_AA)
+        cv2.circle(layer, centre, radius, colour, thickness, cv2.LINE_AA)
     arm = max(3, round(1.2 * um))
     for row, col in canvas.points(excluded_rc):
         centre = (round(col), round(row))
@@ -175,6 +185,9 @@ def _scaled_contours(
 
 def _completeness_layer(analysis: FovAnalysis, canvas: _Canvas, line: int) -> npt.NDArray[np.uint8]:
     layer = _blank(canvas.shape)
+    if any(cell.ring_radii_um for cell in analysis.result.cells):
+        _draw_rings(layer, analysis.result, canvas, line)
+        return layer
     # a weak complete membrane whose centre lies inside an intense one is the same 3+ cell: draw it once, red
     inside_intense = sample(analysis.intense_complete.filled, analysis.weak_complete.centres)
     weak_only = [c for c, inside in zip(analysis.weak_complete.contours, inside_intense, strict=True) if not inside]
@@ -190,6 +203,34 @@ def _completeness_layer(analysis: FovAnalysis, canvas: _Canvas, line: int) -> np
         cv2.LINE_AA,
     )
     return layer
+
+
+def _draw_rings(layer: npt.NDArray[np.uint8], result: FovResult, canvas: _Canvas, line: int) -> None:
+    """Each cell's ring: the polygon through its rays' membrane points, each side coloured by how stained both
+    of its rays are (the lesser of the two), so a stained arc shows exactly where the rays found membrane."""
+    cells = [cell for cell in result.cells if cell.ring_radii_um]
+    n_rays = len(cells[0].ring_radii_um)
+    angles = np.linspace(0.0, 2.0 * np.pi, n_rays, endpoint=False)
+    directions = np.stack([np.sin(angles), np.cos(angles)], axis=1)
+    centres = np.array([(c.row, c.col) for c in cells], dtype=np.float64)
+    radii_px = np.array([c.ring_radii_um for c in cells], dtype=np.float64) / result.pixel_size_um
+    points_rc = centres[:, None, :] + radii_px[:, :, None] * directions[None, :, :]
+    canvas_xy = (
+        np.rint(canvas.points(points_rc.reshape(-1, 2))[:, ::-1]).astype(np.int32).reshape(len(cells), n_rays, 2)
+    )
+    levels = np.array([[int(ch) for ch in c.ring_levels] for c in cells], dtype=np.int8)
+    side_level = np.minimum(levels, np.roll(levels, -1, axis=1))
+    thin = max(1, line // 2)
+    for level, colour, alpha, width in (
+        (0, UNSTAINED_COLOUR, 150, thin),
+        (1, WEAK_COLOUR, 255, line),
+        (2, INTENSE_COLOUR, 255, line),
+    ):
+        starts = canvas_xy[side_level == level]
+        ends = np.roll(canvas_xy, -1, axis=1)[side_level == level]
+        if len(starts):
+            segments = [np.stack([a, b]).reshape(-1, 1, 2) for a, b in zip(starts, ends, strict=True)]
+            cv2.polylines(layer, segments, False, _rgba(colour, alpha), width, cv2.LINE_AA)
 
 
 def _region_layer(analysis: FovAnalysis, canvas: _Canvas, line: int) -> npt.NDArray[np.uint8]:

@@ -29,7 +29,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.scoring import CaseRule, ScoringParams
+from config.scoring import CaseRule, MembraneMethod, ScoringParams
+from scoring import cells as cells_module
 from scoring import morphology, nuclei, stains
 from scoring.case import NO_CONTROL_WARNING, call_score, cluster_sizes
 from scoring.membranes import CompleteMembranes, cell_area_bounds_px, complete_membranes
@@ -42,6 +43,8 @@ MAX_PIXEL_SIZE_UM = 5.0
 _REGION_PIXEL_SIZE_UM = 2.0
 #: D_weak and D_intense (dilations by a cell radius) are evaluated at about this pixel size.
 _DILATION_PIXEL_SIZE_UM = 1.0
+#: Haematoxylin + DAB OD (smoothed over 1 µm) at most this on glass, at least this in tissue (a lumen is glass).
+_GLASS_MAX_OD = 0.05
 
 RowCol = tuple[float, float]
 
@@ -152,29 +155,39 @@ def polygon_mask(polygon_rc: Sequence[RowCol], analysis: AnalysisImage) -> BoolA
 
 
 @dataclass(frozen=True, slots=True)
-class StainMasks:
-    """The binary masks of one FOV at analysis resolution (all (M, N) bool).
+class MembraneMasks:
+    """The membrane stain of one FOV at analysis resolution.
 
     Attributes
     ----------
     membrane_dab : (M, N) float32, DAB OD above the local (cytoplasmic) background
-    weak : [M_weak], stained membrane: membrane DAB above the weak threshold
-    intense : [M_intense], stained membrane whose DAB OD is above the intense threshold (⊆ weak)
-    smooth_haematoxylin : (M, N) float32, H OD smoothed for nucleus detection
-    nuclei : smoothed haematoxylin above its threshold, opened
-    tumour_region : where cells are counted, before any ROI polygon
+    weak : (M, N) bool [M_weak], stained membrane: membrane DAB above the weak threshold
+    intense : (M, N) bool [M_intense], stained membrane whose DAB OD is above the intense threshold (⊆ weak)
     """
 
     membrane_dab: npt.NDArray[np.float32]
     weak: BoolArray
     intense: BoolArray
+
+
+@dataclass(frozen=True, slots=True)
+class StainMasks(MembraneMasks):
+    """The membrane masks and, for the contour-hierarchy method, the nuclei and the tumour region (all (M, N)).
+
+    Attributes
+    ----------
+    smooth_haematoxylin : (M, N) float32, H OD smoothed for nucleus detection
+    nuclei : (M, N) bool, smoothed haematoxylin above its threshold, opened
+    tumour_region : (M, N) bool, where cells are counted, before any ROI polygon
+    """
+
     smooth_haematoxylin: npt.NDArray[np.float32]
     nuclei: BoolArray
     tumour_region: BoolArray
 
 
-def stain_masks(analysis: AnalysisImage, params: ScoringParams, intense_threshold_od: float) -> StainMasks:
-    """Weak and intense membrane masks, the nucleus mask and the tumour region of an analysed FOV.
+def membrane_masks(analysis: AnalysisImage, params: ScoringParams, intense_threshold_od: float) -> MembraneMasks:
+    """Membrane DAB and the weak and intense membrane masks of an analysed FOV.
 
     Membranes are thin DAB ridges: a white top-hat (DAB minus its grey opening by a disk wider than a membrane)
     keeps them and removes diffuse cytoplasmic DAB, which would otherwise fill cells and hide their outlines.
@@ -189,17 +202,25 @@ def stain_masks(analysis: AnalysisImage, params: ScoringParams, intense_threshol
         membrane_dab > params.weak_threshold_od, params.min_membrane_fragment_um2 / (px * px)
     )
     intense = weak & (dab > intense_threshold_od)
+    return MembraneMasks(membrane_dab, weak, intense)
+
+
+def stain_masks(analysis: AnalysisImage, params: ScoringParams, intense_threshold_od: float) -> StainMasks:
+    """The membrane masks (:func:`membrane_masks`), the nucleus mask and the tumour region: the contour-hierarchy
+    method's masks."""
+    px = analysis.pixel_size_um
+    membrane = membrane_masks(analysis, params, intense_threshold_od)
     nucleus_radius_px = params.nucleus_diameter_um / 2.0 / px
     smooth_h = nuclei.smooth_haematoxylin(analysis.densities.haematoxylin, nucleus_radius_px)
     nucleus_mask = nuclei.nucleus_mask(smooth_h, params.haematoxylin_threshold_od, nucleus_radius_px)
     region = nuclei.tumour_region(
-        nucleus_mask | weak,
+        nucleus_mask | membrane.weak,
         params.tumour_region_closing_um / px,
         params.tumour_region_opening_um / px,
         params.tumour_region_margin_um / px,
         work_scale=max(1, round(_REGION_PIXEL_SIZE_UM / px)),
     )
-    return StainMasks(membrane_dab, weak, intense, smooth_h, nucleus_mask, region)
+    return StainMasks(membrane.membrane_dab, membrane.weak, membrane.intense, smooth_h, nucleus_mask, region)
 
 
 def analyse_fov(
@@ -236,14 +257,199 @@ def analyse_fov(
         intense_threshold, source = params.default_intense_threshold_od, ThresholdSource.DEFAULT
     else:
         intense_threshold, source = control.intense_threshold_od, control.source
-    masks = stain_masks(analysis, params, intense_threshold)
-    weak, intense, region = masks.weak, masks.intense, masks.tumour_region
-    if roi_polygon is not None:
-        region = region & polygon_mask(roi_polygon, analysis)
+    roi = polygon_mask(roi_polygon, analysis) if roi_polygon is not None else None
+    if params.membrane_method == MembraneMethod.PER_CELL:
+        membrane = membrane_masks(analysis, params, intense_threshold)
+        found = _per_cell(analysis, membrane, params, rule, intense_threshold, roi)
+    else:
+        masks = stain_masks(analysis, params, intense_threshold)
+        found = _contour_hierarchy(analysis, masks, params, roi)
+        membrane = masks
+    cells, region, excluded = found.cells, found.region, found.excluded_rc
+    weak, intense = membrane.weak, membrane.intense
     weak_threshold = params.weak_threshold_od
+    counts = ClassCounts(
+        zero=sum(c.her2_class == Her2Score.ZERO for c in cells),
+        one_plus=sum(c.her2_class == Her2Score.ONE_PLUS for c in cells),
+        two_plus=sum(c.her2_class == Her2Score.TWO_PLUS for c in cells),
+        three_plus=sum(c.her2_class == Her2Score.THREE_PLUS for c in cells),
+    )
+    clusters = cluster_sizes(cells, pixel_size_um, rule.cohesion_distance_um)
+    call = call_score(counts, rule, clusters)
+    warnings = [] if control is not None else [NO_CONTROL_WARNING]
+    warnings.extend(found.warnings)
+    if call.score is None:
+        warnings.append(call.reason)
+    result = FovResult(
+        counts=counts,
+        percentages=counts.percentages(),
+        call=call,
+        cells=cells,
+        n_excluded_nuclei=len(excluded),
+        weak_threshold_od=weak_threshold,
+        intense_threshold_od=intense_threshold,
+        intense_threshold_source=source,
+        pixel_size_um=analysis.pixel_size_um / analysis.scale[1],
+        analysis_pixel_size_um=px,
+        tumour_area_mm2=float(region.sum()) * px * px * 1e-6,
+        stain_vectors=analysis.densities.vectors,
+        warnings=tuple(warnings),
+        clusters=clusters,
+    )
+    return FovAnalysis(
+        result=result,
+        image=analysis,
+        weak=weak,
+        intense=intense,
+        weak_complete=found.weak_complete,
+        intense_complete=found.intense_complete,
+        tumour_region=region,
+        excluded_nuclei_rc=analysis.to_fov(excluded),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _FoundCells:
+    """What a membrane method found: the counted cells (FOV pixels), where they were counted (analysis pixels),
+    the nuclei counted in no class (analysis pixels), and the contour method's complete membranes."""
+
+    cells: tuple[Cell, ...]
+    region: BoolArray
+    excluded_rc: npt.NDArray[np.float64]
+    weak_complete: CompleteMembranes
+    intense_complete: CompleteMembranes
+    warnings: tuple[str, ...] = ()
+
+
+def _no_membranes(shape: tuple[int, int]) -> CompleteMembranes:
+    return CompleteMembranes(np.zeros(shape, dtype=bool), np.zeros((0, 2)), ())
+
+
+def _per_cell(
+    analysis: AnalysisImage,
+    masks: MembraneMasks,
+    params: ScoringParams,
+    rule: CaseRule,
+    intense_threshold: float,
+    roi: BoolArray | None,
+) -> _FoundCells:
+    """Nuclei → tumour nuclei by shape and cohesion → a ring of rays per tumour cell → class by the guideline."""
+    px = analysis.pixel_size_um
+    densities = analysis.densities
+    shape = densities.dab.shape
+    noise = cells_module.pixel_noise_od(densities)
+    if noise >= params.weak_threshold_od:
+        # pixel-to-pixel variation as large as barely perceptible staining: no membrane can be told from noise
+        empty = np.zeros((0, 2))
+        return _FoundCells(
+            (),
+            np.zeros(shape, dtype=bool),
+            empty,
+            _no_membranes(shape),
+            _no_membranes(shape),
+            (
+                f"the image is too noisy to score: its pixel-to-pixel stain variation ({noise:.2f} OD) is as large as "
+                f"barely perceptible membrane staining ({params.weak_threshold_od:.2f} OD); check exposure and focus",
+            ),
+        )
+    centres, _ = cells_module.find_nuclei(
+        densities.haematoxylin, px, params.nucleus_diameter_um, params.nucleus_min_contrast_od
+    )
+    nearest = cells_module.nucleus_distance(shape, centres)
+    area, width, _ = cells_module.nucleus_shapes(
+        densities.haematoxylin, centres, nearest, px, params.nucleus_diameter_um
+    )
+    anisotropy = cells_module.nucleus_anisotropy(densities.haematoxylin, centres, px, params.nucleus_diameter_um)
+    tumour = cells_module.tumour_nuclei(
+        centres,
+        area,
+        width,
+        anisotropy,
+        px,
+        min_area_um2=params.min_tumour_nucleus_area_um2,
+        min_width_um=params.min_tumour_nucleus_width_um,
+        max_anisotropy=params.max_tumour_nucleus_anisotropy,
+        neighbour_distance_um=params.cohesion_distance_um,
+        min_neighbours=params.min_cohesive_neighbours,
+    )
+    # a cell closer to the frame than its own radius is cut by it: its ring cannot be judged, as at the microscope
+    edge = params.tumour_cell_diameter_um / 2.0 / px
+    inside_frame = (
+        (centres[:, 0] >= edge)
+        & (centres[:, 0] <= shape[0] - 1 - edge)
+        & (centres[:, 1] >= edge)
+        & (centres[:, 1] <= shape[1] - 1 - edge)
+    )
+    counted = tumour & inside_frame
+    if roi is not None:
+        counted &= morphology.sample(roi, centres).astype(bool)
+    # glass: a ray that leaves the tissue (into a gland's lumen) has left its cell
+    stain = cv2.GaussianBlur(cv2.add(densities.haematoxylin, densities.dab), (0, 0), max(0.7, 1.0 / px))
+    tissue = np.asarray(stain, dtype=np.float32) > _GLASS_MAX_OD
+    index = np.flatnonzero(counted)
+    rings = cells_module.measure_rings(
+        masks.membrane_dab,
+        densities.dab,
+        tissue,
+        nearest,
+        centres[index],
+        px,
+        min_radius_um=params.nucleus_diameter_um / 4.0,
+        max_radius_um=params.max_cell_radius_um,
+        boundary_margin_um=params.membrane_search_margin_um,
+        weak_threshold_od=params.weak_threshold_od,
+        intense_threshold_od=intense_threshold,
+    )
+    classes = cells_module.classify_cells(
+        rings, rule.guideline, intense_threshold, params.moderate_fraction_of_intense * intense_threshold
+    )
+    fov_centres = analysis.to_fov(centres[index])
+    # rays are measured in analysis pixels; the result gives them in µm from the nucleus centre
+    radii_um = np.round(rings.radii_px * px, 2).tolist()
+    level_chars = np.array(["0", "1", "2"])
+    levels = ["".join(row) for row in level_chars[rings.level]]
+    completeness = np.round(rings.completeness, 4).tolist()
+    intense_completeness = np.round(rings.intense_completeness, 4).tolist()
+    ring_od = np.round(rings.ring_od, 4).tolist()
+    nucleus_area = np.round(area[index], 1).tolist()
+    # model_construct: these values are made here and valid by construction; validating ~1000 cells per FOV
+    # would cost more than measuring them
+    cells = tuple(
+        Cell.model_construct(
+            row=float(fov_centres[k, 0]),
+            col=float(fov_centres[k, 1]),
+            her2_class=classes[k],
+            pattern=rings.pattern[k],
+            completeness=completeness[k],
+            intense_completeness=intense_completeness[k],
+            membrane_od=ring_od[k],
+            nucleus_area_um2=nucleus_area[k],
+            ring_radii_um=tuple(radii_um[k]),
+            ring_levels=levels[k],
+        )
+        for k in range(len(index))
+    )
+    region = np.zeros(shape, dtype=np.uint8)
+    if len(index):
+        rows = centres[index, 0, None] + rings.radii_px * cells_module.DIRECTIONS[None, :, 0]
+        cols = centres[index, 1, None] + rings.radii_px * cells_module.DIRECTIONS[None, :, 1]
+        polygons = np.rint(np.stack([cols, rows], axis=2)).astype(np.int32)
+        cv2.fillPoly(region, list(polygons), 1)
+    excluded = centres[~tumour & inside_frame]
+    return _FoundCells(cells, region.astype(bool), excluded, _no_membranes(shape), _no_membranes(shape))
+
+
+def _contour_hierarchy(
+    analysis: AnalysisImage, masks: StainMasks, params: ScoringParams, roi: BoolArray | None
+) -> _FoundCells:
+    """The published method: complete membranes as innermost holes of M_weak and M_intense, and clear nuclei in the
+    tumour region classed by their distance to stained membrane (see the module docstring)."""
+    px = analysis.pixel_size_um
+    weak, intense, region = masks.weak, masks.intense, masks.tumour_region
+    if roi is not None:
+        region = region & roi
     cell_radius_px = params.tumour_cell_diameter_um / 2.0 / px
     nucleus_radius_px = params.nucleus_diameter_um / 2.0 / px
-
     min_area, max_area = cell_area_bounds_px(params.min_cell_diameter_um, params.max_cell_diameter_um, px)
     # The three slowest steps are independent and OpenCV releases the GIL in them: run two of them on a
     # second thread (results are the same as serially; only the latency halves on a multi-core machine).
@@ -268,10 +474,6 @@ def analyse_fov(
     p_one_plus = p_clear[in_d_weak & not_excluded]
     p_zero = p_clear[~in_d_weak & not_excluded]
     excluded = p_clear[in_d_intense & ~in_complete]  # next to intense staining: in no class
-
-    counts = ClassCounts(
-        zero=len(p_zero), one_plus=len(p_one_plus), two_plus=len(p_two_plus), three_plus=len(p_intense)
-    )
     cells = tuple(
         Cell(row=float(r), col=float(c), her2_class=her2_class)
         for her2_class, points in (
@@ -282,37 +484,7 @@ def analyse_fov(
         )
         for r, c in analysis.to_fov(points)
     )
-    clusters = cluster_sizes(cells, pixel_size_um, rule.cohesion_distance_um)
-    call = call_score(counts, rule, clusters)
-    warnings = [] if control is not None else [NO_CONTROL_WARNING]
-    if call.score is None:
-        warnings.append(call.reason)
-    result = FovResult(
-        counts=counts,
-        percentages=counts.percentages(),
-        call=call,
-        cells=cells,
-        n_excluded_nuclei=len(excluded),
-        weak_threshold_od=weak_threshold,
-        intense_threshold_od=intense_threshold,
-        intense_threshold_source=source,
-        pixel_size_um=analysis.pixel_size_um / analysis.scale[1],
-        analysis_pixel_size_um=px,
-        tumour_area_mm2=float(region.sum()) * px * px * 1e-6,
-        stain_vectors=analysis.densities.vectors,
-        warnings=tuple(warnings),
-        clusters=clusters,
-    )
-    return FovAnalysis(
-        result=result,
-        image=analysis,
-        weak=weak,
-        intense=intense,
-        weak_complete=weak_complete,
-        intense_complete=intense_complete,
-        tumour_region=region,
-        excluded_nuclei_rc=analysis.to_fov(excluded),
-    )
+    return _FoundCells(cells, region, excluded, weak_complete, intense_complete)
 
 
 def score_fov(

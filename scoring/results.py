@@ -101,12 +101,35 @@ class ScoreCall(_Frozen):
     specimen: Specimen = Field(Specimen.RESECTION, description="The specimen kind the rule was applied for")
 
 
+class MembranePattern(StrEnum):
+    """Where a cell's membrane is stained, in the guidelines' words."""
+
+    COMPLETE = "complete"
+    BASOLATERAL = "basolateral"
+    LATERAL = "lateral"
+    PARTIAL = "partial"
+    NONE = "none"
+
+
 class Cell(_Frozen):
-    """One counted tumour cell: its position in FOV pixels and its class."""
+    """One counted tumour cell: its position in FOV pixels, its class, and (per-cell method) its measures.
+
+    The ring is ``N`` rays cast from the nucleus centre (``row``, ``col``) at angles 2πk/N, k = 0.., measured from
+    the +col axis towards +row: ``ring_radii_um[k]`` is where ray k crosses the membrane (or ends, unstained), and
+    ``ring_levels[k]`` is "0" unstained, "1" weak to moderate, "2" intense there. The contour-hierarchy method
+    leaves the measures empty.
+    """
 
     row: float
     col: float
     her2_class: Her2Score
+    pattern: MembranePattern | None = Field(None, description="Where the membrane is stained (weak level or above)")
+    completeness: float | None = Field(None, ge=0.0, le=1.0, description="Share of the ring stained")
+    intense_completeness: float | None = Field(None, ge=0.0, le=1.0, description="Share of the ring intense")
+    membrane_od: float | None = Field(None, description="Median DAB OD of the ring where stained")
+    nucleus_area_um2: float | None = None
+    ring_radii_um: tuple[float, ...] = ()
+    ring_levels: str = ""
 
 
 class ControlCalibration(_Frozen):
@@ -130,7 +153,10 @@ class FovResult(_Frozen):
     percentages: dict[str, float]
     call: ScoreCall
     cells: tuple[Cell, ...]
-    n_excluded_nuclei: int = Field(description="Clear nuclei next to intense staining, counted in no class")
+    n_excluded_nuclei: int = Field(
+        description="Nuclei counted in no class: per-cell method, nuclei that are not tumour (stroma, muscle, "
+        "lymphocytes); contour-hierarchy method, clear nuclei next to intense staining"
+    )
     weak_threshold_od: float
     intense_threshold_od: float
     intense_threshold_source: ThresholdSource

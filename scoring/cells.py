@@ -1,0 +1,456 @@
+"""Per-cell membrane measurement: nuclei found in the haematoxylin, told tumour from stroma by their shape, and the
+membrane DAB measured along rays cast from each tumour nucleus to its cell's boundary.
+
+Why rays. A pathologist looks at each tumour cell and asks how much of its outline is brown, and how brown. Here
+each nucleus casts ``N_RAYS`` rays outwards. A ray ends where the cell ends: at its neighbour's territory (the
+Voronoi boundary between nuclei, plus a margin, since the membrane lies near it), at glass, or at the largest cell
+radius. The most stained point of membrane DAB along the ray is where the membrane crosses it. The cell's
+*completeness* is the share of its rays that cross stained membrane; one missing ray between two stained ones is
+a gap of about a micrometre, which a pathologist still reads as a closed ring, so it counts as stained. Unlike
+the contour hierarchy of a thresholded mask, one missing pixel does not open a ring.
+
+The *pattern* follows the guidelines' words: complete (circumferential), basolateral (U-shaped: one unstained
+arc, the apical side), lateral (two opposite stained arcs), partial, or none.
+
+Tumour or not. Tumour nuclei in carcinoma are large and round-to-oval; fibroblast and smooth-muscle nuclei are
+thin (2–4 µm wide) and elongated, lymphocyte nuclei small (5–7 µm) and round. Tumour cells are also cohesive:
+they lie in sheets, glands and nests, with several tumour-like neighbours within a cell diameter or two. Each
+criterion is a measurement with its physical reason in ``config.scoring.ScoringParams``.
+
+Everything here is at analysis resolution (``analysis_pixel_size_um``), (row, col), and pure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from config.scoring import Guideline
+from scoring.morphology import BoolArray
+from scoring.results import Her2Score, MembranePattern
+from scoring.stains import StainDensities
+
+F64 = npt.NDArray[np.float64]
+F32 = npt.NDArray[np.float32]
+
+#: Rays per cell: 24 rays are 15° apart, about 1.3 µm of membrane apart on a 5 µm cell radius, so one ray's gap
+#: is a gap a pathologist does not see as a break.
+N_RAYS = 24
+_ANGLES = np.linspace(0.0, 2.0 * math.pi, N_RAYS, endpoint=False)
+#: A nucleus's outline lies where its haematoxylin has fallen to 30% of its contrast over the surroundings: the
+#: half maximum lies inside pale, vesicular nuclei whose chromatin is clumped at the centre and rim.
+_OUTLINE_CONTRAST = 0.3
+DIRECTIONS = np.stack([np.sin(_ANGLES), np.cos(_ANGLES)], axis=1)  # (row, col) per ray
+
+
+@dataclass(frozen=True, slots=True)
+class Nuclei:
+    """Nuclei of a FOV and their measured morphology (analysis pixels; sizes in µm).
+
+    Attributes
+    ----------
+    centres : (K, 2) float64 (row, col)
+    area_um2, width_um, length_um : (K,) float64 — half-maximum outline area, least and largest diameter
+    haematoxylin_od : (K,) float64 — contrast of the nucleus above its surroundings at nucleus scale
+    tumour : (K,) bool — tumour-like shape and cohesive context
+    """
+
+    centres: F64
+    area_um2: F64
+    width_um: F64
+    length_um: F64
+    haematoxylin_od: F64
+    tumour: npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, slots=True)
+class Rings:
+    """Membrane measurements of a set of cells along ``N_RAYS`` rays each.
+
+    Attributes
+    ----------
+    radii_px : (K, N_RAYS) float64 — distance from the nucleus centre to the membrane point of each ray (the most
+        stained point, or the ray's end when nothing is stained), analysis pixels
+    level : (K, N_RAYS) int8 — 0 unstained, 1 stained (weak to moderate), 2 intense
+    ring_od : (K,) float64 — the cell's membrane DAB OD: the median peak OD of its stained rays (0 if none)
+    completeness : (K,) float64 — share of rays crossing stained membrane (gaps of one ray closed)
+    intense_completeness : (K,) float64 — share of rays crossing intense membrane (gaps of one ray closed)
+    pattern : (K,) object array of MembranePattern, of the stained rays
+    """
+
+    radii_px: F64
+    level: npt.NDArray[np.int8]
+    ring_od: F64
+    completeness: F64
+    intense_completeness: F64
+    pattern: npt.NDArray[np.object_]
+
+
+#: The patterns each guideline accepts as the membrane staining of 2+ and 3+ cells: the breast guideline asks for
+#: complete (circumferential) staining; the gastroesophageal one accepts "complete, basolateral or lateral".
+QUALIFYING_PATTERNS: dict[Guideline, frozenset[MembranePattern]] = {
+    Guideline.BREAST: frozenset({MembranePattern.COMPLETE}),
+    Guideline.GASTRIC: frozenset({MembranePattern.COMPLETE, MembranePattern.BASOLATERAL, MembranePattern.LATERAL}),
+}
+_INCOMPLETE_SIDES = frozenset({MembranePattern.BASOLATERAL, MembranePattern.LATERAL})
+
+
+def classify_cells(
+    rings: Rings, guideline: Guideline, intense_threshold_od: float, moderate_threshold_od: float
+) -> list[Her2Score]:
+    """Each cell's HER2 class from its ring, as the guideline words the classes.
+
+    The pattern says where the membrane is stained; the intensity is the cell's, its ring OD (the median over its
+    stained rays), as a pathologist grades a cell's staining as a whole: strong above the intense threshold,
+    weak to moderate above the moderate one, faint ("barely perceptible") below it.
+
+    - 3+: the qualifying pattern, strong ("intense complete" in breast; "strong complete, basolateral or lateral"
+      in gastric);
+    - 2+: the qualifying pattern, weak to moderate; in breast also the unusual pattern "moderate to intense but
+      incomplete (basolateral or lateral)";
+    - 1+: faint staining, or staining of only part of the membrane ("faint/barely perceptible", "incomplete");
+    - 0: none.
+    """
+    qualifying = QUALIFYING_PATTERNS[guideline]
+    classes: list[Her2Score] = []
+    for pattern, ring_od in zip(rings.pattern, rings.ring_od, strict=True):
+        if pattern == MembranePattern.NONE:
+            classes.append(Her2Score.ZERO)
+        elif pattern in qualifying and ring_od > intense_threshold_od:
+            classes.append(Her2Score.THREE_PLUS)
+        elif ring_od > moderate_threshold_od and (
+            pattern in qualifying or (guideline == Guideline.BREAST and pattern in _INCOMPLETE_SIDES)
+        ):
+            classes.append(Her2Score.TWO_PLUS)
+        else:
+            classes.append(Her2Score.ONE_PLUS)
+    return classes
+
+
+def pixel_noise_od(densities: StainDensities) -> float:
+    """Robust pixel-to-pixel variation of the stains (H + DAB OD): 1.4826 × the median absolute deviation of the
+    image minus its 1-pixel Gaussian blur. Tissue fields measure 0.02–0.06 OD; a frame of random noise ~0.13."""
+    total = cv2.add(densities.haematoxylin, densities.dab)
+    detail = cv2.subtract(total, cv2.GaussianBlur(total, (0, 0), 1.0))
+    return float(1.4826 * np.median(np.abs(detail - np.median(detail))))
+
+
+def find_nuclei(
+    haematoxylin_od: F32,
+    pixel_size_um: float,
+    nucleus_diameter_um: float,
+    min_contrast_od: float,
+) -> tuple[F64, F64]:
+    """Nucleus centres: blobs of haematoxylin at nucleus scale (difference of Gaussians).
+
+    A difference of Gaussians at the nucleus's scale responds to a blob of the nucleus's size whatever its
+    absolute darkness, so pale, faded nuclei are found as well as dark ones; thin membranes and the colour fringes
+    of JPEG chroma subsampling along brown membranes are averaged out at that scale.
+
+    Returns
+    -------
+    centres : (K, 2) float64 (row, col); contrast : (K,) float64, the blob's DoG response in OD.
+    """
+    radius_px = nucleus_diameter_um / 2.0 / pixel_size_um
+    fine = cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, radius_px / 2.0))
+    coarse = _wide_blur(haematoxylin_od, 2.0 * radius_px)
+    dog = cv2.subtract(fine, coarse)
+    side = 2 * max(1, round(0.8 * radius_px)) + 1
+    local_max = cv2.dilate(dog, np.ones((side, side), np.uint8))
+    # a float DoG has no plateaus above the contrast floor: each peak is one pixel
+    rows, cols = np.nonzero((dog >= local_max) & (dog > min_contrast_od))
+    centres = np.column_stack([rows, cols]).astype(np.float64)
+    return centres, dog[rows, cols].astype(np.float64)
+
+
+def _wide_blur(image: F32, sigma_px: float) -> F32:
+    """A Gaussian blur of a large sigma, computed on a grid a quarter as fine (exact to well under a percent for
+    a sigma of several coarse pixels) and interpolated back: a wide kernel at full resolution costs ~10x more."""
+    factor = 4 if sigma_px >= 8.0 else 1
+    if factor == 1:
+        return np.asarray(cv2.GaussianBlur(image, (0, 0), sigma_px), dtype=np.float32)
+    rows, cols = image.shape
+    small = cv2.resize(image, (max(1, cols // factor), max(1, rows // factor)), interpolation=cv2.INTER_AREA)
+    blurred = cv2.GaussianBlur(small, (0, 0), sigma_px / factor)
+    return np.asarray(cv2.resize(blurred, (cols, rows), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+
+
+def nucleus_distance(shape: tuple[int, int], centres: F64) -> F32:
+    """(M, N) float32: the distance (px) from every pixel to the nearest nucleus centre.
+
+    A point is in a nucleus's territory (its Voronoi cell) when it is no farther from that nucleus than from the
+    nearest one; along a ray, that is when the ray's length is at most this distance at its tip.
+    """
+    seeds = np.full(shape, 255, dtype=np.uint8)
+    if len(centres):
+        rows = np.clip(np.rint(centres[:, 0]).astype(np.intp), 0, shape[0] - 1)
+        cols = np.clip(np.rint(centres[:, 1]).astype(np.intp), 0, shape[1] - 1)
+        seeds[rows, cols] = 0
+    return np.asarray(cv2.distanceTransform(seeds, cv2.DIST_L2, cv2.DIST_MASK_PRECISE), dtype=np.float32)
+
+
+def nucleus_shapes(
+    haematoxylin_od: F32, centres: F64, nearest: F32, pixel_size_um: float, max_radius_um: float
+) -> tuple[F64, F64, F64]:
+    """The outline of each nucleus along the rays: its area, width (least diameter) and length (µm).
+
+    Along each ray the nucleus ends where the haematoxylin (smoothed over its chromatin texture, σ = 1 µm) has
+    fallen to ``_OUTLINE_CONTRAST`` of the way from the nucleus's centre to the ray's lowest value, or at the
+    neighbour's Voronoi boundary (touching nuclei).
+    """
+    if len(centres) == 0:
+        empty = np.zeros(0)
+        return empty, empty, empty
+    smooth = cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, 1.0 / pixel_size_um))
+    steps = np.arange(0.0, max_radius_um / pixel_size_um + 1.0)
+    values, inside = _ray_samples(smooth, nearest, centres, steps, margin_px=0.0)
+    centre_value = values[:, :, :2].mean(axis=(1, 2))[:, None, None]
+    floor = np.where(inside, values, np.inf).min(axis=2, keepdims=True)
+    level = floor + _OUTLINE_CONTRAST * (centre_value - floor)
+    below = (values < level) | ~inside
+    below[:, :, -1] = True
+    radius = np.argmax(below, axis=2).astype(np.float64)  # first step below the outline level (px)
+    radius = np.maximum(radius, 0.5) * pixel_size_um
+    sector = 2.0 * math.pi / N_RAYS
+    area = 0.5 * math.sin(sector) * (radius * np.roll(radius, -1, axis=1)).sum(axis=1)
+    diameters = radius[:, : N_RAYS // 2] + radius[:, N_RAYS // 2 :]
+    return area, diameters.min(axis=1), diameters.max(axis=1)
+
+
+def nucleus_anisotropy(haematoxylin_od: F32, centres: F64, pixel_size_um: float, nucleus_diameter_um: float) -> F64:
+    """How spindle-shaped each nucleus is: the ratio of the haematoxylin's curvature across the nucleus to its
+    curvature along it (Hessian eigenvalues at the centre, smoothed at a quarter of a nucleus diameter).
+
+    A round nucleus gives about 1 and an oval tumour nucleus up to about 2.5; the long, thin nuclei of fibroblasts
+    and smooth muscle, a flat ridge along their length, give 3 and more. Unlike an outline's length and width, the
+    ratio does not depend on where a long nucleus's outline is cut by its neighbours. A point that is no maximum
+    (both curvatures not negative) gives infinity.
+    """
+    if len(centres) == 0:
+        return np.zeros(0)
+    smooth = cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, nucleus_diameter_um / 4.0 / pixel_size_um))
+    rows = np.clip(np.rint(centres[:, 0]).astype(np.intp), 1, smooth.shape[0] - 2)
+    cols = np.clip(np.rint(centres[:, 1]).astype(np.intp), 1, smooth.shape[1] - 2)
+    centre = smooth[rows, cols].astype(np.float64)
+    d_rr = smooth[rows + 1, cols] + smooth[rows - 1, cols] - 2.0 * centre
+    d_cc = smooth[rows, cols + 1] + smooth[rows, cols - 1] - 2.0 * centre
+    d_rc = (
+        smooth[rows + 1, cols + 1]
+        - smooth[rows + 1, cols - 1]
+        - smooth[rows - 1, cols + 1]
+        + smooth[rows - 1, cols - 1]
+    ) / 4.0
+    half_trace = (d_rr + d_cc) / 2.0
+    spread = np.sqrt(((d_rr - d_cc) / 2.0) ** 2 + d_rc**2)
+    across, along = half_trace - spread, half_trace + spread  # across <= along; both < 0 at a maximum
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(along < 0, across / np.minimum(along, -1e-12), np.inf)
+    return np.asarray(ratio, dtype=np.float64)
+
+
+def tumour_nuclei(
+    centres: F64,
+    area_um2: F64,
+    width_um: F64,
+    anisotropy: F64,
+    pixel_size_um: float,
+    *,
+    min_area_um2: float,
+    min_width_um: float,
+    max_anisotropy: float,
+    neighbour_distance_um: float,
+    min_neighbours: int,
+) -> npt.NDArray[np.bool_]:
+    """Which nuclei are tumour: tumour-like shape (size, width, not spindle-shaped) and cohesive context (enough
+    tumour-like neighbours close by). See the module docstring for the reasons."""
+    if len(centres) == 0:
+        return np.zeros(0, dtype=bool)
+    shaped = (area_um2 >= min_area_um2) & (width_um >= min_width_um) & (anisotropy <= max_anisotropy)
+    if min_neighbours <= 0 or not shaped.any():
+        return shaped
+    points = centres[shaped] * pixel_size_um
+    neighbours = _count_within(points, neighbour_distance_um)
+    tumour = shaped.copy()
+    tumour[np.flatnonzero(shaped)] = neighbours >= min_neighbours
+    return tumour
+
+
+def measure_rings(
+    membrane_dab: F32,
+    dab_od: F32,
+    tissue: BoolArray,
+    nearest: F32,
+    centres: F64,
+    pixel_size_um: float,
+    *,
+    min_radius_um: float,
+    max_radius_um: float,
+    boundary_margin_um: float,
+    weak_threshold_od: float,
+    intense_threshold_od: float,
+) -> Rings:
+    """Cast ``N_RAYS`` rays from each of the ``centres`` and measure its cell's membrane.
+
+    Parameters
+    ----------
+    membrane_dab : (M, N) float32 — DAB above the local cytoplasmic background (white top-hat)
+    dab_od : (M, N) float32 — DAB OD itself, whose value at the membrane point is the ray's intensity
+    tissue : (M, N) bool — not glass; a ray that leaves the tissue has left its cell
+    nearest : (M, N) float32 — :func:`nucleus_distance` of every nucleus, tumour or not (each owns its territory)
+    centres : (K, 2) float64 — the nuclei of the cells to measure
+    min_radius_um, max_radius_um : rays start outside the nucleus's centre and end at the largest cell radius
+    boundary_margin_um : how far beyond the Voronoi boundary a ray may look for the membrane
+    """
+    if len(centres) == 0:
+        empty = np.zeros(0)
+        none = np.zeros(0, dtype=object)
+        return Rings(np.zeros((0, N_RAYS)), np.zeros((0, N_RAYS), np.int8), empty, empty, empty, none)
+    start = max(1.0, min_radius_um / pixel_size_um)
+    steps = np.arange(start, max_radius_um / pixel_size_um + 0.5)
+    signal, inside = _ray_samples(
+        membrane_dab, nearest, centres, steps, margin_px=boundary_margin_um / pixel_size_um, tissue=tissue
+    )
+    signal = np.where(inside, signal, -1.0)
+    peak_step = np.argmax(signal, axis=2)
+    peak = np.take_along_axis(signal, peak_step[:, :, None], axis=2)[:, :, 0]
+    # a ray ends at its last inside sample: where it is drawn when it crosses nothing stained
+    last_inside = inside.shape[2] - 1 - np.argmax(inside[:, :, ::-1], axis=2)
+    # a lone stained ray with no stained neighbour is a speck (dust, noise, a JPEG block), not a membrane: stained
+    # membrane runs at least two rays, about 2.5 µm
+    stained = _drop_lone(peak > weak_threshold_od)
+    radius_step = np.where(stained, peak_step, last_inside)
+    radii = steps[radius_step]
+    rows, cols = _ray_points(centres, radii)
+    peak_od = _sample_rc(dab_od, rows, cols).astype(np.float64)
+    intense = stained & (peak_od > intense_threshold_od)
+    stained_closed = _close_gaps(stained)
+    intense_closed = _close_gaps(intense)
+    level = np.where(intense, 2, np.where(stained, 1, 0)).astype(np.int8)
+    with np.errstate(invalid="ignore"):
+        masked = np.where(stained, peak_od, np.nan)
+        ring_od = np.nan_to_num(np.nanmedian(np.where(stained.any(axis=1, keepdims=True), masked, 0.0), axis=1))
+    completeness = stained_closed.mean(axis=1)
+    return Rings(
+        radii_px=radii,
+        level=level,
+        ring_od=ring_od,
+        completeness=completeness,
+        intense_completeness=intense_closed.mean(axis=1),
+        pattern=membrane_patterns(stained_closed),
+    )
+
+
+def membrane_patterns(stained: npt.NDArray[np.bool_]) -> npt.NDArray[np.object_]:
+    """The pattern of each cell's stained rays ((K, N_RAYS) bool, gaps already closed).
+
+    - complete: at least 90% of the rays (at most two rays, ~30°, unstained);
+    - basolateral: one stained arc of at least half the circumference (U-shaped, the apical side open);
+    - lateral: two stained arcs facing each other (their middles at least 120° apart), each at least 45°;
+    - partial: any other stained rays (at least two, ~2.5 µm of membrane; one ray may be a speck);
+    - none: otherwise.
+    """
+    n_cells = len(stained)
+    n_stained = stained.sum(axis=1)
+    # arcs: run lengths around the circle, read on the ray sequence laid twice end to end
+    doubled = np.concatenate([stained, stained], axis=1).astype(np.int16)
+    run = np.zeros_like(doubled)
+    run[:, 0] = doubled[:, 0]
+    for k in range(1, 2 * N_RAYS):
+        run[:, k] = (run[:, k - 1] + 1) * doubled[:, k]
+    # an arc ends at ray k of the second lap when ray k is stained and ray k + 1 is not
+    following = np.roll(stained, -1, axis=1)
+    ends = stained & ~following
+    length = np.where(ends, np.minimum(run[:, N_RAYS:], N_RAYS), 0)
+    longest = np.where(n_stained == N_RAYS, N_RAYS, length.max(axis=1, initial=0))
+    middle = np.arange(N_RAYS)[None, :] - (length - 1) / 2.0
+    long_arc = length * 360.0 / N_RAYS >= 45.0
+    separation = np.abs(middle[:, :, None] - middle[:, None, :]) % N_RAYS
+    separation = np.minimum(separation, N_RAYS - separation) * 360.0 / N_RAYS
+    facing = (long_arc[:, :, None] & long_arc[:, None, :] & (separation >= 120.0)).any(axis=(1, 2))
+    patterns = np.empty(n_cells, dtype=object)  # np.full would store the enum as a plain str
+    patterns[:] = [MembranePattern.PARTIAL] * n_cells
+    patterns[facing] = MembranePattern.LATERAL
+    patterns[longest >= N_RAYS // 2] = MembranePattern.BASOLATERAL
+    patterns[n_stained >= 0.9 * N_RAYS] = MembranePattern.COMPLETE
+    patterns[n_stained < 2] = MembranePattern.NONE
+    return patterns
+
+
+def _drop_lone(rays: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Unset stained rays whose two neighbours are both unstained."""
+    return rays & (np.roll(rays, 1, axis=1) | np.roll(rays, -1, axis=1))
+
+
+def _close_gaps(rays: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Fill single unstained rays between two stained ones (a ~1 µm gap in a ring is no break to the eye)."""
+    return rays | (np.roll(rays, 1, axis=1) & np.roll(rays, -1, axis=1))
+
+
+def _ray_points(centres: F64, radii: F64) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Pixel (row, col) of the point at ``radii`` (K, N_RAYS) along each ray of each centre."""
+    rows = centres[:, 0, None] + radii * DIRECTIONS[None, :, 0]
+    cols = centres[:, 1, None] + radii * DIRECTIONS[None, :, 1]
+    return np.rint(rows).astype(np.intp), np.rint(cols).astype(np.intp)
+
+
+def _ray_samples(
+    image: F32,
+    nearest: F32,
+    centres: F64,
+    steps: F64,
+    *,
+    margin_px: float,
+    tissue: BoolArray | None = None,
+) -> tuple[F32, npt.NDArray[np.bool_]]:
+    """``image`` sampled along every ray of every centre, and whether each sample still lies in the cell.
+
+    A sample is in the cell while it lies at most ``margin_px`` farther from this nucleus than from the nearest
+    one, inside the image and (with ``tissue``) in tissue; the first sample outside ends the ray.
+
+    Returns
+    -------
+    values, inside : (K, N_RAYS, S) arrays for K centres and S steps.
+    """
+    height, width = image.shape
+    offsets = steps[None, None, :] * DIRECTIONS[None, :, :, None]  # (1, N_RAYS, 2, S)
+    rows = np.rint(centres[:, None, 0, None] + offsets[:, :, 0, :]).astype(np.int32)
+    cols = np.rint(centres[:, None, 1, None] + offsets[:, :, 1, :]).astype(np.int32)
+    in_image = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    np.clip(rows, 0, height - 1, out=rows)
+    np.clip(cols, 0, width - 1, out=cols)
+    flat = rows * np.int32(width) + cols
+    # the distance map is exact from the nuclei's rounded pixels: compare it with the sample's distance from the same
+    seed = np.rint(centres).astype(np.int32)
+    own = np.hypot(rows - seed[:, 0, None, None], cols - seed[:, 1, None, None], dtype=np.float32)
+    inside = in_image & (own <= nearest.ravel()[flat] + np.float32(margin_px))
+    if tissue is not None:
+        inside &= tissue.ravel()[flat]
+    inside = np.logical_and.accumulate(inside, axis=2)
+    return image.ravel()[flat], inside
+
+
+def _sample(image: npt.NDArray[np.float32], points: F64) -> F32:
+    rows = np.clip(np.rint(points[:, 0]).astype(np.intp), 0, image.shape[0] - 1)
+    cols = np.clip(np.rint(points[:, 1]).astype(np.intp), 0, image.shape[1] - 1)
+    return np.asarray(image[rows, cols], dtype=np.float32)
+
+
+def _sample_rc(image: F32, rows: npt.NDArray[np.intp], cols: npt.NDArray[np.intp]) -> F32:
+    return np.asarray(
+        image[np.clip(rows, 0, image.shape[0] - 1), np.clip(cols, 0, image.shape[1] - 1)], dtype=np.float32
+    )
+
+
+def _count_within(points_um: F64, distance_um: float) -> npt.NDArray[np.intp]:
+    """For each point, how many other points lie within ``distance_um`` (a k-d tree: linear-logarithmic)."""
+    if len(points_um) == 0:
+        return np.zeros(0, dtype=np.intp)
+    from scipy.spatial import cKDTree  # scipy comes with scikit-image
+
+    tree = cKDTree(points_um)
+    counts = tree.query_ball_point(points_um, distance_um, return_length=True)
+    return np.asarray(counts, dtype=np.intp) - 1
