@@ -187,6 +187,8 @@ def test_close_removes_current_and_nothing_resumes(store: CaseStore, tmp_path: P
         "case_id": None,
         "open": False,
         "operator": None,
+        "guideline": None,
+        "specimen": None,
         "started_at": None,
         "closed_at": None,
         "adjustments": [],
