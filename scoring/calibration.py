@@ -170,7 +170,7 @@ def _control_cells_ridge(
             f"the positive control has {ring_od.size} tumour cells with stained membrane, fewer than the "
             f"{_MIN_CONTROL_CELLS} needed to calibrate: is this the control tissue, in focus?"
         )
-    return float(np.median(ring_od)), int(analysis.weak.sum())
+    return float(np.median(ring_od)), int((analysis.weak & analysis.tumour_region).sum())
 
 
 def range_mean(values: npt.NDArray[np.float32], percentile_range: tuple[float, float]) -> float:

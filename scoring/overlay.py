@@ -230,7 +230,9 @@ def _draw_rings(layer: npt.NDArray[np.uint8], result: FovResult, canvas: _Canvas
         ends = np.roll(canvas_xy, -1, axis=1)[side_level == level]
         if len(starts):
             segments = [np.stack([a, b]).reshape(-1, 1, 2) for a, b in zip(starts, ends, strict=True)]
-            cv2.polylines(layer, segments, False, _rgba(colour, alpha), width, cv2.LINE_AA)
+            # thin grey sides without antialiasing: a 1-pixel antialiased line would be all fringe
+            line_type = cv2.LINE_8 if level == 0 else cv2.LINE_AA
+            cv2.polylines(layer, segments, False, _rgba(colour, alpha), width, line_type)
 
 
 def _region_layer(analysis: FovAnalysis, canvas: _Canvas, line: int) -> npt.NDArray[np.uint8]:

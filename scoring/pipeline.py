@@ -387,8 +387,11 @@ def _per_cell(
     stain = cv2.GaussianBlur(cv2.add(densities.haematoxylin, densities.dab), (0, 0), max(0.7, 1.0 / px))
     tissue = np.asarray(stain, dtype=np.float32) > _GLASS_MAX_OD
     index = np.flatnonzero(counted)
+    # a membrane is a continuous line about 1 µm wide: averaging over half of that keeps its OD and averages out
+    # pixel noise and JPEG blocks, which a single pixel's maximum along a ray would pick up as "staining"
+    membrane_dab = cv2.GaussianBlur(masks.membrane_dab, (0, 0), max(0.5, params.membrane_width_um / 4.0 / px))
     rings = cells_module.measure_rings(
-        masks.membrane_dab,
+        np.asarray(membrane_dab, dtype=np.float32),
         densities.dab,
         tissue,
         nearest,

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from config.scoring import MembraneMethod, ScoringParams
 from scoring import ControlCalibration, calibrate_from_control
 from scoring.synthetic import SyntheticFov, render_control, render_fov
 
@@ -33,10 +34,16 @@ def synthetic_fov(
 
 
 @cache
-def synthetic_control(batch_strength: float = 1.0, pixel_size_um: float = PIXEL_SIZE_40X) -> ControlCalibration:
-    """The calibration from a synthetic positive control of the given batch."""
+def synthetic_control(
+    batch_strength: float = 1.0, pixel_size_um: float = PIXEL_SIZE_40X, params: ScoringParams | None = None
+) -> ControlCalibration:
+    """The calibration from a synthetic positive control of the given batch (by ``params``' membrane method)."""
     control = render_control(pixel_size_um=pixel_size_um, batch_strength=batch_strength, seed=11)
-    return calibrate_from_control(control.rgb, pixel_size_um)
+    return calibrate_from_control(control.rgb, pixel_size_um, params)
+
+
+#: The published method's parameters, for the tests of what only it draws or computes.
+CONTOUR_METHOD = ScoringParams(membrane_method=MembraneMethod.CONTOUR_HIERARCHY)
 
 
 @pytest.fixture(scope="session")

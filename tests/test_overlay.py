@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 from skimage.morphology import skeletonize
 
-from config.scoring import CaseRule
+from config.scoring import CaseRule, ScoringParams
 from scoring import FovAnalysis, Her2Score, analyse_fov, score_case
 from scoring.case import NO_CONTROL_WARNING
 from scoring.overlay import (
@@ -21,6 +21,7 @@ from scoring.overlay import (
     EXCLUDED_COLOUR,
     INTENSE_COLOUR,
     LAYER_NAMES,
+    UNSTAINED_COLOUR,
     WEAK_COLOUR,
     Overlay,
     compose,
@@ -29,7 +30,7 @@ from scoring.overlay import (
     render_overlay,
 )
 from scoring.synthetic import SyntheticCell, SyntheticFov, blank_fov
-from tests.conftest import PIXEL_SIZE_40X, synthetic_control, synthetic_fov
+from tests.conftest import CONTOUR_METHOD, PIXEL_SIZE_40X, synthetic_control, synthetic_fov
 
 PIXEL_SIZE_20X = 0.5
 SMALL = (540, 960)
@@ -47,11 +48,12 @@ def analysed(
     pixel_size_um: float = PIXEL_SIZE_40X,
     shape: tuple[int, int] = SMALL,
     seed: int = 5,
+    params: ScoringParams | None = None,
 ) -> tuple[SyntheticFov, FovAnalysis, Overlay]:
     """A synthetic FOV, its analysis (40x: calibrated by the synthetic control) and its overlay, cached."""
     fov = synthetic_fov(mix, 1.0, pixel_size_um, seed, shape)
-    control = synthetic_control() if pixel_size_um == PIXEL_SIZE_40X else None
-    analysis = analyse_fov(fov.rgb, pixel_size_um, control=control)
+    control = synthetic_control(params=params) if pixel_size_um == PIXEL_SIZE_40X else None
+    analysis = analyse_fov(fov.rgb, pixel_size_um, params, control=control)
     return fov, analysis, render_overlay(analysis)
 
 
@@ -132,8 +134,8 @@ def test_every_layer_is_rgba_in_fov_pixels(pixel_size_um: float, shape: tuple[in
 
 
 @pytest.mark.parametrize("pixel_size_um", [PIXEL_SIZE_40X, PIXEL_SIZE_20X])
-def test_each_cell_is_a_ring_of_its_class_colour(pixel_size_um: float) -> None:
-    _, analysis, overlay = analysed(MIX, pixel_size_um)
+def test_contour_method_draws_each_cell_as_a_ring_of_its_class_colour(pixel_size_um: float) -> None:
+    _, analysis, overlay = analysed(MIX, pixel_size_um, params=CONTOUR_METHOD)
     layer = overlay.layers["cells"]
     cells = analysis.result.cells
     assert {c.her2_class for c in cells} == set(Her2Score)
@@ -152,6 +154,65 @@ def test_each_cell_is_a_ring_of_its_class_colour(pixel_size_um: float) -> None:
         hollow.append(layer[round(cell.row), round(cell.col), 3] == 0)  # a ring, not a disc over the nucleus
     assert np.mean(ringed) >= 0.95, f"{len(ringed) - sum(ringed)} of {len(cells)} cells lack a ring of their colour"
     assert np.mean(hollow) >= 0.95
+
+
+@pytest.mark.parametrize("pixel_size_um", [PIXEL_SIZE_40X, PIXEL_SIZE_20X])
+def test_each_cell_is_a_dot_of_its_class_colour_on_its_nucleus(pixel_size_um: float) -> None:
+    _, analysis, overlay = analysed(MIX, pixel_size_um)
+    layer = overlay.layers["cells"]
+    cells = analysis.result.cells
+    assert {c.her2_class for c in cells} == set(Her2Score)
+    in_colour = {her2_class: painted(layer, colour) for her2_class, colour in CLASS_COLOURS.items()}
+    dotted = [in_colour[cell.her2_class][round(cell.row), round(cell.col)] for cell in cells]
+    assert np.mean(dotted) >= 0.95, f"{len(dotted) - sum(dotted)} of {len(cells)} cells lack a dot of their colour"
+
+
+@pytest.mark.parametrize(
+    ("her2_class", "stained_least", "stained_most"),
+    [("3+", 0.8, 1.0), ("2+", 0.8, 1.0), ("1+", 0.15, 0.75), ("0", 0.0, 0.02)],
+)
+def test_rings_are_coloured_where_the_membrane_is_stained(
+    her2_class: str, stained_least: float, stained_most: float
+) -> None:
+    """Each side of each cell's ring is drawn in the colour of how stained its rays found the membrane (red
+    intense, yellow weak, grey none); the stained share follows the true membrane (whole for 2+/3+, arcs for 1+,
+    none for 0), and the stained sides lie on the true membrane ring."""
+    fov, analysis, overlay = analysed(((her2_class, 1.0),))
+    layer = overlay.layers["completeness"]
+    colours = {
+        0: painted(layer, UNSTAINED_COLOUR, 150),
+        1: painted(layer, WEAK_COLOUR),
+        2: painted(layer, INTENSE_COLOUR),
+    }
+    colours = {level: grow(mask) for level, mask in colours.items()}
+    agree, stained, total = 0, 0, 0
+    midpoints = []
+    for cell in analysis.result.cells:
+        levels = np.array([int(ch) for ch in cell.ring_levels])
+        n = len(levels)
+        angles = 2.0 * np.pi * np.arange(n) / n
+        radius = np.asarray(cell.ring_radii_um) / fov.pixel_size_um
+        rows, cols = cell.row + radius * np.sin(angles), cell.col + radius * np.cos(angles)
+        mid_r, mid_c = (rows + np.roll(rows, -1)) / 2.0, (cols + np.roll(cols, -1)) / 2.0
+        side = np.minimum(levels, np.roll(levels, -1))
+        for r, c, level in zip(np.rint(mid_r).astype(int), np.rint(mid_c).astype(int), side, strict=True):
+            if not (0 <= r < layer.shape[0] and 0 <= c < layer.shape[1]):
+                continue
+            total += 1
+            stained += level > 0
+            agree += bool(colours[int(level)][r, c])
+            if level > 0:
+                midpoints.append((r, c))
+    assert agree >= 0.9 * total, f"{total - agree} of {total} ring sides not drawn in their level's colour"
+    assert stained_least <= stained / total <= stained_most, stained / total
+    if midpoints:
+        rho = ellipse_radius(np.array(midpoints, dtype=np.float64), fov.cells, fov.pixel_size_um)
+        assert np.mean((rho > 0.7) & (rho < 1.3)) >= 0.9, np.percentile(rho, [5, 50, 95])
+    red = colours[2].sum()
+    if her2_class == "3+":
+        assert red > 1000
+    else:
+        assert red <= 0.05 * max(1, colours[1].sum())
 
 
 @pytest.mark.parametrize("pixel_size_um", [PIXEL_SIZE_40X, PIXEL_SIZE_20X])
@@ -202,7 +263,7 @@ def grey_seeds(points_rc: np.ndarray, shape: tuple[int, ...]) -> npt.NDArray[np.
 
 
 def test_intense_complete_contours_lie_on_the_true_membranes() -> None:
-    fov, _, overlay = analysed((("3+", 1.0),))
+    fov, _, overlay = analysed((("3+", 1.0),), params=CONTOUR_METHOD)
     layer = overlay.layers["completeness"]
     red = painted(layer, INTENSE_COLOUR)
     green = painted(layer, COMPLETE_WEAK_COLOUR)
@@ -215,7 +276,7 @@ def test_intense_complete_contours_lie_on_the_true_membranes() -> None:
 
 @pytest.mark.parametrize(("her2_class", "expect"), [("2+", "green"), ("1+", "none")])
 def test_weak_complete_contours_only_on_complete_weak_membranes(her2_class: str, expect: str) -> None:
-    fov, _, overlay = analysed(((her2_class, 1.0),))
+    fov, _, overlay = analysed(((her2_class, 1.0),), params=CONTOUR_METHOD)
     layer = overlay.layers["completeness"]
     red, green = painted(layer, INTENSE_COLOUR).sum(), painted(layer, COMPLETE_WEAK_COLOUR).sum()
     if expect == "green":
@@ -270,8 +331,8 @@ def test_share_of_red_in_the_skeleton_follows_the_class(her2_class: str, least: 
 # ---------------------------------------------------------------------------------------------------- region
 
 
-def test_region_outline_follows_the_tumour_nests() -> None:
-    fov, analysis, overlay = analysed(MIX)
+def test_contour_method_region_outline_follows_the_tumour_nests() -> None:
+    fov, analysis, overlay = analysed(MIX, params=CONTOUR_METHOD)
     outline = drawn(overlay.layers["region"])
     assert outline.any()
     # near the true nest outline (the counting region has a margin and is computed on a 2 µm grid) ...
@@ -379,7 +440,7 @@ def test_compose_leaves_the_image_alone_and_shows_only_what_is_asked() -> None:
 
 
 def test_compose_draws_later_layers_on_top() -> None:
-    fov, _, overlay = analysed(MIX)
+    fov, _, overlay = analysed(MIX, params=CONTOUR_METHOD)
     skeleton, contours = overlay.layers["intensity"], overlay.layers["completeness"]
     # where an opaque contour crosses the (slightly transparent) skeleton in another colour
     both = drawn(skeleton) & (contours[:, :, 3] == 255) & np.any(skeleton[:, :, :3] != contours[:, :, :3], -1)
