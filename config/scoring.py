@@ -158,15 +158,15 @@ class ScoringParams(_Frozen):
         "as along (Hessian at a quarter nucleus diameter) are spindle cells of stroma or smooth muscle; round to "
         "oval tumour nuclei, columnar ones included, stay under it.",
     )
-    cohesion_distance_um: PositiveUm = Field(
+    tumour_neighbour_distance_um: PositiveUm = Field(
         20.0,
         description="per-cell method: tumour cells are cohesive (sheets, glands, nests): a tumour nucleus has "
-        "min_cohesive_neighbours tumour-like nuclei within this distance (under two cell diameters).",
+        "min_tumour_neighbours tumour-like nuclei within this distance (under two cell diameters).",
     )
-    min_cohesive_neighbours: Annotated[int, Field(ge=0, le=20)] = Field(
+    min_tumour_neighbours: Annotated[int, Field(ge=0, le=20)] = Field(
         2,
-        description="per-cell method: see cohesion_distance_um; a cell in a sheet, gland or single-file cord has at "
-        "least two such neighbours, a scattered stromal cell fewer.",
+        description="per-cell method: see tumour_neighbour_distance_um; a cell in a sheet, gland or single-file cord "
+        "has at least two such neighbours, a scattered stromal cell fewer.",
     )
     max_cell_radius_um: PositiveUm = Field(
         12.0,

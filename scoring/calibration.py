@@ -9,11 +9,11 @@ of those with stained membrane is the batch's intense level, and the intense thr
 ``control_cell_intense_fraction`` (0.7) of it: the geometric middle between that level and a moderate one at
 half its OD. A ring within that of the control's is intense.
 
-Contour-hierarchy method: its stained membrane pixels are those of M_weak inside its tumour region. Their DAB OD spreads from
-the weak threshold (membrane edges, blurred) to the ridge of the membranes; the mean over the percentile range
-``control_percentile_range`` (default the 50th–95th, the upper half without the darkest outliers) is the typical
-membrane ridge OD of this batch. The intense threshold is ``control_intense_fraction`` of it: a 3+ membrane of
-the same batch stays above it along its whole ring, a moderately stained (2+) one does not.
+Contour-hierarchy method: its stained membrane pixels are those of M_weak inside its tumour region. Their DAB OD
+spreads from the weak threshold (membrane edges, blurred) to the ridge of the membranes; the mean over the
+percentile range ``control_percentile_range`` (default the 50th–95th, the upper half without the darkest outliers)
+is the typical membrane ridge OD of this batch. The intense threshold is ``control_intense_fraction`` of it: a 3+
+membrane of the same batch stays above it along its whole ring, a moderately stained (2+) one does not.
 
 Quality control: the control is scored with its own threshold and must come out 3+; and since a threshold
 relative to the control would make any control look 3+, its ridge must also reach ``min_control_ridge_od``.

@@ -22,6 +22,7 @@ Everything here is at analysis resolution (``analysis_pixel_size_um``), (row, co
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -135,7 +136,7 @@ def pixel_noise_od(densities: StainDensities) -> float:
     """Robust pixel-to-pixel variation of the stains (H + DAB OD): 1.4826 × the median absolute deviation of the
     image minus its 1-pixel Gaussian blur. Tissue fields measure 0.02–0.06 OD; a frame of random noise ~0.13."""
     total = cv2.add(densities.haematoxylin, densities.dab)
-    detail = cv2.subtract(total, cv2.GaussianBlur(total, (0, 0), 1.0))
+    detail = cv2.subtract(total, cv2.GaussianBlur(total, (0, 0), 1.0))[::2, ::2]  # a quarter of the pixels suffices
     return float(1.4826 * np.median(np.abs(detail - np.median(detail))))
 
 
@@ -144,7 +145,7 @@ def find_nuclei(
     pixel_size_um: float,
     nucleus_diameter_um: float,
     min_contrast_od: float,
-) -> tuple[F64, F64]:
+) -> tuple[F64, F64, F32]:
     """Nucleus centres: blobs of haematoxylin at nucleus scale (difference of Gaussians).
 
     A difference of Gaussians at the nucleus's scale responds to a blob of the nucleus's size whatever its
@@ -153,7 +154,10 @@ def find_nuclei(
 
     Returns
     -------
-    centres : (K, 2) float64 (row, col); contrast : (K,) float64, the blob's DoG response in OD.
+    centres : (K, 2) float64 (row, col)
+    contrast : (K,) float64, the blob's DoG response in OD
+    smooth : (M, N) float32, the haematoxylin smoothed at a quarter of a nucleus diameter (for
+        :func:`nucleus_anisotropy`)
     """
     radius_px = nucleus_diameter_um / 2.0 / pixel_size_um
     fine = cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, radius_px / 2.0))
@@ -164,7 +168,7 @@ def find_nuclei(
     # a float DoG has no plateaus above the contrast floor: each peak is one pixel
     rows, cols = np.nonzero((dog >= local_max) & (dog > min_contrast_od))
     centres = np.column_stack([rows, cols]).astype(np.float64)
-    return centres, dog[rows, cols].astype(np.float64)
+    return centres, dog[rows, cols].astype(np.float64), np.asarray(fine, dtype=np.float32)
 
 
 def _wide_blur(image: F32, sigma_px: float) -> F32:
@@ -190,7 +194,8 @@ def nucleus_distance(shape: tuple[int, int], centres: F64) -> F32:
         rows = np.clip(np.rint(centres[:, 0]).astype(np.intp), 0, shape[0] - 1)
         cols = np.clip(np.rint(centres[:, 1]).astype(np.intp), 0, shape[1] - 1)
         seeds[rows, cols] = 0
-    return np.asarray(cv2.distanceTransform(seeds, cv2.DIST_L2, cv2.DIST_MASK_PRECISE), dtype=np.float32)
+    # the 5x5 chamfer distance is within 2% of the Euclidean one and four times faster than the exact transform
+    return np.asarray(cv2.distanceTransform(seeds, cv2.DIST_L2, cv2.DIST_MASK_5), dtype=np.float32)
 
 
 def nucleus_shapes(
@@ -206,24 +211,26 @@ def nucleus_shapes(
         empty = np.zeros(0)
         return empty, empty, empty
     smooth = cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, 1.0 / pixel_size_um))
-    steps = np.arange(0.0, max_radius_um / pixel_size_um + 1.0)
-    values, inside = _ray_samples(smooth, nearest, centres, steps, margin_px=0.0)
+    values, inside, _, length = _ray_samples(
+        smooth, nearest, centres, 0.0, max_radius_um / pixel_size_um, margin_px=0.0
+    )
     centre_value = values[:, :, :2].mean(axis=(1, 2))[:, None, None]
     floor = np.where(inside, values, np.inf).min(axis=2, keepdims=True)
     level = floor + _OUTLINE_CONTRAST * (centre_value - floor)
     below = (values < level) | ~inside
     below[:, :, -1] = True
-    radius = np.argmax(below, axis=2).astype(np.float64)  # first step below the outline level (px)
-    radius = np.maximum(radius, 0.5) * pixel_size_um
+    first_below = np.argmax(below, axis=2)  # the first step below the outline level
+    radius = np.maximum(length[np.arange(N_RAYS)[None, :], first_below], 0.5).astype(np.float64) * pixel_size_um
     sector = 2.0 * math.pi / N_RAYS
     area = 0.5 * math.sin(sector) * (radius * np.roll(radius, -1, axis=1)).sum(axis=1)
     diameters = radius[:, : N_RAYS // 2] + radius[:, N_RAYS // 2 :]
     return area, diameters.min(axis=1), diameters.max(axis=1)
 
 
-def nucleus_anisotropy(haematoxylin_od: F32, centres: F64, pixel_size_um: float, nucleus_diameter_um: float) -> F64:
+def nucleus_anisotropy(smooth_haematoxylin_od: F32, centres: F64) -> F64:
     """How spindle-shaped each nucleus is: the ratio of the haematoxylin's curvature across the nucleus to its
-    curvature along it (Hessian eigenvalues at the centre, smoothed at a quarter of a nucleus diameter).
+    curvature along it (Hessian eigenvalues at the centre of the haematoxylin smoothed at a quarter of a nucleus
+    diameter, as :func:`find_nuclei` returns it).
 
     A round nucleus gives about 1 and an oval tumour nucleus up to about 2.5; the long, thin nuclei of fibroblasts
     and smooth muscle, a flat ridge along their length, give 3 and more. Unlike an outline's length and width, the
@@ -232,7 +239,7 @@ def nucleus_anisotropy(haematoxylin_od: F32, centres: F64, pixel_size_um: float,
     """
     if len(centres) == 0:
         return np.zeros(0)
-    smooth = cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, nucleus_diameter_um / 4.0 / pixel_size_um))
+    smooth = smooth_haematoxylin_od
     rows = np.clip(np.rint(centres[:, 0]).astype(np.intp), 1, smooth.shape[0] - 2)
     cols = np.clip(np.rint(centres[:, 1]).astype(np.intp), 1, smooth.shape[1] - 2)
     centre = smooth[rows, cols].astype(np.float64)
@@ -309,12 +316,16 @@ def measure_rings(
         empty = np.zeros(0)
         none = np.zeros(0, dtype=object)
         return Rings(np.zeros((0, N_RAYS)), np.zeros((0, N_RAYS), np.int8), empty, empty, empty, none)
-    start = max(1.0, min_radius_um / pixel_size_um)
-    steps = np.arange(start, max_radius_um / pixel_size_um + 0.5)
-    signal, inside = _ray_samples(
-        membrane_dab, nearest, centres, steps, margin_px=boundary_margin_um / pixel_size_um, tissue=tissue
+    signal, inside, flat, length = _ray_samples(
+        membrane_dab,
+        nearest,
+        centres,
+        max(1.0, round(min_radius_um / pixel_size_um)),
+        max_radius_um / pixel_size_um,
+        margin_px=boundary_margin_um / pixel_size_um,
+        tissue=tissue,
     )
-    signal = np.where(inside, signal, -1.0)
+    signal = np.where(inside, signal, np.float32(-1.0))
     peak_step = np.argmax(signal, axis=2)
     peak = np.take_along_axis(signal, peak_step[:, :, None], axis=2)[:, :, 0]
     # a ray ends at its last inside sample: where it is drawn when it crosses nothing stained
@@ -323,25 +334,28 @@ def measure_rings(
     # membrane runs at least two rays, about 2.5 µm
     stained = _drop_lone(peak > weak_threshold_od)
     radius_step = np.where(stained, peak_step, last_inside)
-    radii = steps[radius_step]
-    rows, cols = _ray_points(centres, radii)
-    peak_od = _sample_rc(dab_od, rows, cols).astype(np.float64)
+    radii = length[np.arange(N_RAYS)[None, :], radius_step].astype(np.float64)
+    peak_od = dab_od.ravel()[np.take_along_axis(flat, radius_step[:, :, None], axis=2)[:, :, 0]]
     intense = stained & (peak_od > intense_threshold_od)
     stained_closed = _close_gaps(stained)
-    intense_closed = _close_gaps(intense)
     level = np.where(intense, 2, np.where(stained, 1, 0)).astype(np.int8)
-    with np.errstate(invalid="ignore"):
-        masked = np.where(stained, peak_od, np.nan)
-        ring_od = np.nan_to_num(np.nanmedian(np.where(stained.any(axis=1, keepdims=True), masked, 0.0), axis=1))
-    completeness = stained_closed.mean(axis=1)
     return Rings(
         radii_px=radii,
         level=level,
-        ring_od=ring_od,
-        completeness=completeness,
-        intense_completeness=intense_closed.mean(axis=1),
+        ring_od=_median_where(peak_od, stained),
+        completeness=stained_closed.mean(axis=1),
+        intense_completeness=_close_gaps(intense).mean(axis=1),
         pattern=membrane_patterns(stained_closed),
     )
+
+
+def _median_where(values: F32, valid: npt.NDArray[np.bool_]) -> F64:
+    """Per row, the median of ``values`` where ``valid`` (0 where none is): a sort of 24 values per row."""
+    ordered = np.sort(np.where(valid, values, np.float32(np.inf)), axis=1)
+    n = valid.sum(axis=1)
+    low = np.take_along_axis(ordered, np.maximum(n - 1, 0)[:, None] // 2, axis=1)[:, 0]
+    high = np.take_along_axis(ordered, np.minimum(n // 2, valid.shape[1] - 1)[:, None], axis=1)[:, 0]
+    return np.where(n > 0, (low.astype(np.float64) + high) / 2.0, 0.0)
 
 
 def membrane_patterns(stained: npt.NDArray[np.bool_]) -> npt.NDArray[np.object_]:
@@ -353,6 +367,12 @@ def membrane_patterns(stained: npt.NDArray[np.bool_]) -> npt.NDArray[np.object_]
     - partial: any other stained rays (at least two, ~2.5 µm of membrane; one ray may be a speck);
     - none: otherwise.
     """
+    # cells share few distinct patterns (all stained, none, ...): work out each distinct one once
+    codes = stained.astype(np.int64) @ (np.int64(1) << np.arange(N_RAYS, dtype=np.int64))
+    distinct, inverse = np.unique(codes, return_inverse=True)
+    if len(distinct) < len(codes):
+        unpacked = ((distinct[:, None] >> np.arange(N_RAYS)) & 1).astype(bool)
+        return membrane_patterns(unpacked)[inverse.ravel()]
     n_cells = len(stained)
     n_stained = stained.sum(axis=1)
     # arcs: run lengths around the circle, read on the ray sequence laid twice end to end
@@ -390,59 +410,56 @@ def _close_gaps(rays: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     return rays | (np.roll(rays, 1, axis=1) & np.roll(rays, -1, axis=1))
 
 
-def _ray_points(centres: F64, radii: F64) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-    """Pixel (row, col) of the point at ``radii`` (K, N_RAYS) along each ray of each centre."""
-    rows = centres[:, 0, None] + radii * DIRECTIONS[None, :, 0]
-    cols = centres[:, 1, None] + radii * DIRECTIONS[None, :, 1]
-    return np.rint(rows).astype(np.intp), np.rint(cols).astype(np.intp)
+@functools.lru_cache(maxsize=16)
+def _ray_offsets(start: float, stop: float) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], F32]:
+    """Integer (row, col) pixel offsets of the samples of every ray, one pixel apart from ``start`` to ``stop``
+    pixels, and their exact distances from the centre pixel: (N_RAYS, S) each, computed once per step range."""
+    steps = np.arange(start, stop + 0.5)
+    d_row = np.rint(steps[None, :] * DIRECTIONS[:, 0, None]).astype(np.int32)
+    d_col = np.rint(steps[None, :] * DIRECTIONS[:, 1, None]).astype(np.int32)
+    length = np.hypot(d_row, d_col).astype(np.float32)
+    for table in (d_row, d_col, length):
+        table.flags.writeable = False  # shared by every call
+    return d_row, d_col, length
 
 
 def _ray_samples(
     image: F32,
     nearest: F32,
     centres: F64,
-    steps: F64,
+    start_px: float,
+    stop_px: float,
     *,
     margin_px: float,
     tissue: BoolArray | None = None,
-) -> tuple[F32, npt.NDArray[np.bool_]]:
+) -> tuple[F32, npt.NDArray[np.bool_], npt.NDArray[np.int32], F32]:
     """``image`` sampled along every ray of every centre, and whether each sample still lies in the cell.
 
-    A sample is in the cell while it lies at most ``margin_px`` farther from this nucleus than from the nearest
-    one, inside the image and (with ``tissue``) in tissue; the first sample outside ends the ray.
+    Rays start at the centre's pixel and step one pixel at a time from ``start_px`` to ``stop_px``. A sample is in
+    the cell while it lies at most ``margin_px`` farther from this nucleus than from the nearest one (``nearest``
+    measures from the same centre pixels), inside the image and (with ``tissue``) in tissue; the first sample
+    outside ends the ray.
 
     Returns
     -------
-    values, inside : (K, N_RAYS, S) arrays for K centres and S steps.
+    values, inside, flat, length : (K, N_RAYS, S) arrays for K centres: the samples, whether each is in the cell,
+        its flat pixel index, and (N_RAYS, S) its distance from the centre pixel.
     """
     height, width = image.shape
-    offsets = steps[None, None, :] * DIRECTIONS[None, :, :, None]  # (1, N_RAYS, 2, S)
-    rows = np.rint(centres[:, None, 0, None] + offsets[:, :, 0, :]).astype(np.int32)
-    cols = np.rint(centres[:, None, 1, None] + offsets[:, :, 1, :]).astype(np.int32)
-    in_image = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    d_row, d_col, length = _ray_offsets(float(start_px), float(stop_px))
+    seed = np.rint(centres).astype(np.int32)
+    rows = seed[:, 0, None, None] + d_row[None]
+    cols = seed[:, 1, None, None] + d_col[None]
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
     np.clip(rows, 0, height - 1, out=rows)
     np.clip(cols, 0, width - 1, out=cols)
     flat = rows * np.int32(width) + cols
-    # the distance map is exact from the nuclei's rounded pixels: compare it with the sample's distance from the same
-    seed = np.rint(centres).astype(np.int32)
-    own = np.hypot(rows - seed[:, 0, None, None], cols - seed[:, 1, None, None], dtype=np.float32)
-    inside = in_image & (own <= nearest.ravel()[flat] + np.float32(margin_px))
+    # ``nearest`` is a chamfer distance, within 2% (and half a pixel) of the exact one
+    inside &= length[None] <= nearest.ravel()[flat] * np.float32(1.02) + np.float32(margin_px + 0.5)
     if tissue is not None:
         inside &= tissue.ravel()[flat]
     inside = np.logical_and.accumulate(inside, axis=2)
-    return image.ravel()[flat], inside
-
-
-def _sample(image: npt.NDArray[np.float32], points: F64) -> F32:
-    rows = np.clip(np.rint(points[:, 0]).astype(np.intp), 0, image.shape[0] - 1)
-    cols = np.clip(np.rint(points[:, 1]).astype(np.intp), 0, image.shape[1] - 1)
-    return np.asarray(image[rows, cols], dtype=np.float32)
-
-
-def _sample_rc(image: F32, rows: npt.NDArray[np.intp], cols: npt.NDArray[np.intp]) -> F32:
-    return np.asarray(
-        image[np.clip(rows, 0, image.shape[0] - 1), np.clip(cols, 0, image.shape[1] - 1)], dtype=np.float32
-    )
+    return image.ravel()[flat], inside, flat, length
 
 
 def _count_within(points_um: F64, distance_um: float) -> npt.NDArray[np.intp]:

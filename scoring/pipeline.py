@@ -186,21 +186,25 @@ class StainMasks(MembraneMasks):
     tumour_region: BoolArray
 
 
-def membrane_masks(analysis: AnalysisImage, params: ScoringParams, intense_threshold_od: float) -> MembraneMasks:
+def membrane_masks(
+    analysis: AnalysisImage, params: ScoringParams, intense_threshold_od: float, *, drop_specks: bool = True
+) -> MembraneMasks:
     """Membrane DAB and the weak and intense membrane masks of an analysed FOV.
 
     Membranes are thin DAB ridges: a white top-hat (DAB minus its grey opening by a disk wider than a membrane)
     keeps them and removes diffuse cytoplasmic DAB, which would otherwise fill cells and hide their outlines.
     M_weak is the top-hat above the weak threshold; M_intense those M_weak pixels whose DAB OD itself is above
-    the intense threshold, so M_intense ⊆ M_weak.
+    the intense threshold, so M_intense ⊆ M_weak. ``drop_specks`` drops stained specks smaller than
+    ``min_membrane_fragment_um2`` from M_weak (the per-cell method drops lone stained rays instead and uses the
+    masks only to draw them).
     """
     px = analysis.pixel_size_um
     dab = analysis.densities.dab
     background = cv2.morphologyEx(dab, cv2.MORPH_OPEN, morphology.disk_kernel(params.membrane_width_um / px))
     membrane_dab = np.asarray(cv2.subtract(dab, background), dtype=np.float32)
-    weak = morphology.remove_small(
-        membrane_dab > params.weak_threshold_od, params.min_membrane_fragment_um2 / (px * px)
-    )
+    weak = membrane_dab > params.weak_threshold_od
+    if drop_specks:
+        weak = morphology.remove_small(weak, params.min_membrane_fragment_um2 / (px * px))
     intense = weak & (dab > intense_threshold_od)
     return MembraneMasks(membrane_dab, weak, intense)
 
@@ -259,7 +263,7 @@ def analyse_fov(
         intense_threshold, source = control.intense_threshold_od, control.source
     roi = polygon_mask(roi_polygon, analysis) if roi_polygon is not None else None
     if params.membrane_method == MembraneMethod.PER_CELL:
-        membrane = membrane_masks(analysis, params, intense_threshold)
+        membrane = membrane_masks(analysis, params, intense_threshold, drop_specks=False)
         found = _per_cell(analysis, membrane, params, rule, intense_threshold, roi)
     else:
         masks = stain_masks(analysis, params, intense_threshold)
@@ -352,14 +356,14 @@ def _per_cell(
                 f"barely perceptible membrane staining ({params.weak_threshold_od:.2f} OD); check exposure and focus",
             ),
         )
-    centres, _ = cells_module.find_nuclei(
+    centres, _, smooth_h = cells_module.find_nuclei(
         densities.haematoxylin, px, params.nucleus_diameter_um, params.nucleus_min_contrast_od
     )
     nearest = cells_module.nucleus_distance(shape, centres)
     area, width, _ = cells_module.nucleus_shapes(
         densities.haematoxylin, centres, nearest, px, params.nucleus_diameter_um
     )
-    anisotropy = cells_module.nucleus_anisotropy(densities.haematoxylin, centres, px, params.nucleus_diameter_um)
+    anisotropy = cells_module.nucleus_anisotropy(smooth_h, centres)
     tumour = cells_module.tumour_nuclei(
         centres,
         area,
@@ -369,8 +373,8 @@ def _per_cell(
         min_area_um2=params.min_tumour_nucleus_area_um2,
         min_width_um=params.min_tumour_nucleus_width_um,
         max_anisotropy=params.max_tumour_nucleus_anisotropy,
-        neighbour_distance_um=params.cohesion_distance_um,
-        min_neighbours=params.min_cohesive_neighbours,
+        neighbour_distance_um=params.tumour_neighbour_distance_um,
+        min_neighbours=params.min_tumour_neighbours,
     )
     # a cell closer to the frame than its own radius is cut by it: its ring cannot be judged, as at the microscope
     edge = params.tumour_cell_diameter_um / 2.0 / px
