@@ -210,7 +210,7 @@ def nucleus_shapes(
     if len(centres) == 0:
         empty = np.zeros(0)
         return empty, empty, empty
-    smooth = cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, 1.0 / pixel_size_um))
+    smooth = np.asarray(cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, 1.0 / pixel_size_um)), dtype=np.float32)
     values, inside, _, length = _ray_samples(
         smooth, nearest, centres, 0.0, max_radius_um / pixel_size_um, margin_px=0.0
     )
