@@ -262,9 +262,9 @@ def analyse_fov(
     else:
         intense_threshold, source = control.intense_threshold_od, control.source
     roi = polygon_mask(roi_polygon, analysis) if roi_polygon is not None else None
+    membrane: MembraneMasks
     if params.membrane_method == MembraneMethod.PER_CELL:
-        membrane = membrane_masks(analysis, params, intense_threshold, drop_specks=False)
-        found = _per_cell(analysis, membrane, params, rule, intense_threshold, roi)
+        found, membrane = _per_cell(analysis, params, rule, intense_threshold, roi)
     else:
         masks = stain_masks(analysis, params, intense_threshold)
         found = _contour_hierarchy(analysis, masks, params, roi)
@@ -331,72 +331,29 @@ def _no_membranes(shape: tuple[int, int]) -> CompleteMembranes:
 
 def _per_cell(
     analysis: AnalysisImage,
-    masks: MembraneMasks,
     params: ScoringParams,
     rule: CaseRule,
     intense_threshold: float,
     roi: BoolArray | None,
-) -> _FoundCells:
-    """Nuclei → tumour nuclei by shape and cohesion → a ring of rays per tumour cell → class by the guideline."""
+) -> tuple[_FoundCells, MembraneMasks]:
+    """Nuclei → tumour nuclei by shape and cohesion → a ring of rays per tumour cell → class by the guideline.
+
+    What the rays read is computed on a second thread while the nuclei are found (OpenCV and NumPy release the
+    GIL; the results are those of a serial run).
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        membrane_future = pool.submit(_membrane_inputs, analysis, params, intense_threshold)
+        nuclei_found = _tumour_nuclei(analysis, params, roi)
+        masks, membrane_dab, tissue = membrane_future.result()
+    if nuclei_found is None:
+        return _too_noisy(analysis, params), masks
+    centres, area, nearest, tumour, counted = nuclei_found
     px = analysis.pixel_size_um
-    densities = analysis.densities
-    shape = densities.dab.shape
-    noise = cells_module.pixel_noise_od(densities)
-    if noise >= params.weak_threshold_od:
-        # pixel-to-pixel variation as large as barely perceptible staining: no membrane can be told from noise
-        empty = np.zeros((0, 2))
-        return _FoundCells(
-            (),
-            np.zeros(shape, dtype=bool),
-            empty,
-            _no_membranes(shape),
-            _no_membranes(shape),
-            (
-                f"the image is too noisy to score: its pixel-to-pixel stain variation ({noise:.2f} OD) is as large as "
-                f"barely perceptible membrane staining ({params.weak_threshold_od:.2f} OD); check exposure and focus",
-            ),
-        )
-    centres, _, smooth_h = cells_module.find_nuclei(
-        densities.haematoxylin, px, params.nucleus_diameter_um, params.nucleus_min_contrast_od
-    )
-    nearest = cells_module.nucleus_distance(shape, centres)
-    area, width, _ = cells_module.nucleus_shapes(
-        densities.haematoxylin, centres, nearest, px, params.nucleus_diameter_um
-    )
-    anisotropy = cells_module.nucleus_anisotropy(smooth_h, centres)
-    tumour = cells_module.tumour_nuclei(
-        centres,
-        area,
-        width,
-        anisotropy,
-        px,
-        min_area_um2=params.min_tumour_nucleus_area_um2,
-        min_width_um=params.min_tumour_nucleus_width_um,
-        max_anisotropy=params.max_tumour_nucleus_anisotropy,
-        neighbour_distance_um=params.tumour_neighbour_distance_um,
-        min_neighbours=params.min_tumour_neighbours,
-    )
-    # a cell closer to the frame than its own radius is cut by it: its ring cannot be judged, as at the microscope
-    edge = params.tumour_cell_diameter_um / 2.0 / px
-    inside_frame = (
-        (centres[:, 0] >= edge)
-        & (centres[:, 0] <= shape[0] - 1 - edge)
-        & (centres[:, 1] >= edge)
-        & (centres[:, 1] <= shape[1] - 1 - edge)
-    )
-    counted = tumour & inside_frame
-    if roi is not None:
-        counted &= morphology.sample(roi, centres).astype(bool)
-    # glass: a ray that leaves the tissue (into a gland's lumen) has left its cell
-    stain = cv2.GaussianBlur(cv2.add(densities.haematoxylin, densities.dab), (0, 0), max(0.7, 1.0 / px))
-    tissue = np.asarray(stain, dtype=np.float32) > _GLASS_MAX_OD
+    shape = analysis.densities.dab.shape
     index = np.flatnonzero(counted)
-    # a membrane is a continuous line about 1 µm wide: averaging over half of that keeps its OD and averages out
-    # pixel noise and JPEG blocks, which a single pixel's maximum along a ray would pick up as "staining"
-    membrane_dab = cv2.GaussianBlur(masks.membrane_dab, (0, 0), max(0.5, params.membrane_width_um / 4.0 / px))
     rings = cells_module.measure_rings(
-        np.asarray(membrane_dab, dtype=np.float32),
-        densities.dab,
+        membrane_dab,
+        analysis.densities.dab,
         tissue,
         nearest,
         centres[index],
@@ -412,7 +369,7 @@ def _per_cell(
     )
     fov_centres = analysis.to_fov(centres[index])
     # rays are measured in analysis pixels; the result gives them in µm from the nucleus centre
-    radii_um = np.round(rings.radii_px * px, 2).tolist()
+    radii_um = np.round(rings.radii_px * px, 1).tolist()  # 0.1 µm: a fifth of an analysis pixel
     level_chars = np.array(["0", "1", "2"])
     levels = ["".join(row) for row in level_chars[rings.level]]
     completeness = np.round(rings.completeness, 4).tolist()
@@ -442,8 +399,89 @@ def _per_cell(
         cols = centres[index, 1, None] + rings.radii_px * cells_module.DIRECTIONS[None, :, 1]
         polygons = np.rint(np.stack([cols, rows], axis=2)).astype(np.int32)
         cv2.fillPoly(region, list(polygons), 1)
-    excluded = centres[~tumour & inside_frame]
-    return _FoundCells(cells, region.astype(bool), excluded, _no_membranes(shape), _no_membranes(shape))
+    excluded = centres[~tumour & _inside_frame(centres, shape, params, px)]
+    found = _FoundCells(cells, region.astype(bool), excluded, _no_membranes(shape), _no_membranes(shape))
+    return found, masks
+
+
+def _membrane_inputs(
+    analysis: AnalysisImage, params: ScoringParams, intense_threshold: float
+) -> tuple[MembraneMasks, npt.NDArray[np.float32], BoolArray]:
+    """What the rays read: the membrane masks, the membrane DAB averaged over half a membrane's width, and the
+    tissue (not glass)."""
+    px = analysis.pixel_size_um
+    densities = analysis.densities
+    masks = membrane_masks(analysis, params, intense_threshold, drop_specks=False)
+    # a membrane is a continuous line about 1 µm wide: averaging over half of that keeps its OD and averages out
+    # pixel noise and JPEG blocks, which a single pixel's maximum along a ray would pick up as "staining"
+    membrane_dab = cv2.GaussianBlur(masks.membrane_dab, (0, 0), max(0.5, params.membrane_width_um / 4.0 / px))
+    # glass: a ray that leaves the tissue (into a gland's lumen) has left its cell
+    stain = cv2.GaussianBlur(cv2.add(densities.haematoxylin, densities.dab), (0, 0), max(0.7, 1.0 / px))
+    tissue = np.asarray(stain, dtype=np.float32) > _GLASS_MAX_OD
+    return masks, np.asarray(membrane_dab, dtype=np.float32), tissue
+
+
+def _tumour_nuclei(
+    analysis: AnalysisImage, params: ScoringParams, roi: BoolArray | None
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float32], BoolArray, BoolArray] | None:
+    """Every nucleus's centre, its area (µm²), the distance map to the nearest nucleus, which nuclei are tumour,
+    and which of those are counted (inside the frame and the ROI); None for a frame too noisy to see membranes."""
+    px = analysis.pixel_size_um
+    densities = analysis.densities
+    shape = densities.dab.shape
+    if cells_module.pixel_noise_od(densities) >= params.weak_threshold_od:
+        return None
+    centres, _, smooth_h = cells_module.find_nuclei(
+        densities.haematoxylin, px, params.nucleus_diameter_um, params.nucleus_min_contrast_od
+    )
+    nearest = cells_module.nucleus_distance(shape, centres)
+    area, width, _ = cells_module.nucleus_shapes(
+        densities.haematoxylin, centres, nearest, px, params.nucleus_diameter_um
+    )
+    tumour = cells_module.tumour_nuclei(
+        centres,
+        area,
+        width,
+        cells_module.nucleus_anisotropy(smooth_h, centres),
+        px,
+        min_area_um2=params.min_tumour_nucleus_area_um2,
+        min_width_um=params.min_tumour_nucleus_width_um,
+        max_anisotropy=params.max_tumour_nucleus_anisotropy,
+        neighbour_distance_um=params.tumour_neighbour_distance_um,
+        min_neighbours=params.min_tumour_neighbours,
+    )
+    counted = tumour & _inside_frame(centres, shape, params, px)
+    if roi is not None:
+        counted &= morphology.sample(roi, centres).astype(bool)
+    return centres, area, nearest, tumour, counted
+
+
+def _inside_frame(
+    centres: npt.NDArray[np.float64], shape: tuple[int, ...], params: ScoringParams, px: float
+) -> BoolArray:
+    """Nuclei at least a cell radius from the frame: a cell closer to it is cut by it and its ring cannot be
+    judged, as at the microscope."""
+    edge = params.tumour_cell_diameter_um / 2.0 / px
+    rows, cols = centres[:, 0], centres[:, 1]
+    inside: BoolArray = (rows >= edge) & (rows <= shape[0] - 1 - edge) & (cols >= edge) & (cols <= shape[1] - 1 - edge)
+    return inside
+
+
+def _too_noisy(analysis: AnalysisImage, params: ScoringParams) -> _FoundCells:
+    """No cells, and why: pixel-to-pixel variation as large as barely perceptible staining hides every membrane."""
+    shape = analysis.densities.dab.shape
+    noise = cells_module.pixel_noise_od(analysis.densities)
+    return _FoundCells(
+        (),
+        np.zeros(shape, dtype=bool),
+        np.zeros((0, 2)),
+        _no_membranes(shape),
+        _no_membranes(shape),
+        (
+            f"the image is too noisy to score: its pixel-to-pixel stain variation ({noise:.2f} OD) is as large as "
+            f"barely perceptible membrane staining ({params.weak_threshold_od:.2f} OD); check exposure and focus",
+        ),
+    )
 
 
 def _contour_hierarchy(
