@@ -1,7 +1,8 @@
 """Benchmark of the running daemon on the simulated microscope at 1920x1080, 30 fps.
 
-Run: ``python -m bench.bench_daemon [--captures N] [--live-s S] [--soak-s S]``. It starts a real daemon process
-on random loopback ports, with a subscriber reading everything it publishes (as a viewer would), and measures:
+Run: ``python -m bench.bench_daemon [--captures N] [--live-s S] [--soak-s S] [--pixel-size UM]``. It starts a real
+daemon process on random loopback ports, with a subscriber reading everything it publishes (as a viewer would), and
+measures:
 
 - trigger → result latency: ``capture`` requests sent one at a time on a still field; the time from sending the
   request to receiving the FOV's result on the SUB socket (p50, p95), and the daemon's own ``latency_ms``;
@@ -31,7 +32,7 @@ from daemon.protocol import Topic
 
 CONFIG = """
 [optics]
-pixel_size_um = 0.25
+pixel_size_um = {pixel_size_um}
 [daemon.camera]
 kind = "simulated"
 width = {width}
@@ -119,13 +120,15 @@ def measure_live(pid: int, seconds: float) -> tuple[float, float, float]:
 
 
 @contextmanager
-def running_daemon(prefix: str, width: int = 1920, height: int = 1080) -> Iterator[tuple[int, dict[str, str]]]:
-    """A daemon process on the simulated microscope (``width`` x ``height`` at 30 fps, random loopback ports);
-    yields its pid and endpoints, and stops it (SIGTERM, then kill) afterwards."""
+def running_daemon(
+    prefix: str, width: int = 1920, height: int = 1080, pixel_size_um: float = 0.25
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """A daemon process on the simulated microscope (``width`` x ``height`` at 30 fps and ``pixel_size_um``,
+    random loopback ports); yields its pid and endpoints, and stops it (SIGTERM, then kill) afterwards."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
     state = root / "state"
     config = root / "config.toml"
-    config.write_text(CONFIG.format(state=state, width=width, height=height))
+    config.write_text(CONFIG.format(state=state, width=width, height=height, pixel_size_um=pixel_size_um))
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         [sys.executable, "-m", "clients.cli", "daemon", "--config", str(config), "--json-logs"],
@@ -154,8 +157,12 @@ def main() -> None:
     parser.add_argument("--captures", type=int, default=40)
     parser.add_argument("--live-s", type=float, default=20.0)
     parser.add_argument("--soak-s", type=float, default=60.0)
+    parser.add_argument(
+        "--pixel-size", type=float, default=0.25, help="µm per camera pixel: 0.25 is a 40x objective, 0.5 a 20x one"
+    )
     args = parser.parse_args()
-    with running_daemon("her2scope-bench-") as (pid, endpoints):
+    print(f"objective: {args.pixel_size} µm/px")
+    with running_daemon("her2scope-bench-", pixel_size_um=args.pixel_size) as (pid, endpoints):
         drain = Drain(endpoints["publish"])
         drain.start()
         with ControlClient(endpoints["control"], timeout_ms=20000) as control:

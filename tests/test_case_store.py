@@ -100,7 +100,36 @@ def test_a_new_store_resumes_the_same_case(store: CaseStore, tmp_path: Path) -> 
     assert resumed.fovs[2].pixel_size_um == 0.2
     assert [a.action for a in resumed.adjustments] == ["exclude", "set-roi", "set-weak"]
     assert resumed.params.weak_threshold_od == 0.05
+    # each result (cells and rings) lives in a file of its own: case.json stays small whatever the case's size
+    case_json = (store.case_dir / "case.json").read_text(encoding="utf-8")
+    assert '"cells"' not in case_json and '"ring_radii_um"' not in case_json
+    assert {"control-001.result.json", "fov-002.result.json"} <= {p.name for p in store.case_dir.iterdir()}
     assert resumed.next_index == 4
+
+
+def test_the_case_file_does_not_grow_with_the_results(store: CaseStore) -> None:
+    """Persisting the 10th FOV writes about as much as the 1st: per-cell results are not rewritten every time."""
+    sizes = []
+    for seed in range(10):
+        record = store.add_capture("fov", _image(seed), "pedal", 0.25)
+        store.set_result(record.fov_id, _result("her2_3plus.jpg"), None)
+        sizes.append((store.case_dir / "case.json").stat().st_size)
+    result_size = (store.case_dir / "fov-001.result.json").stat().st_size
+    assert sizes[-1] - sizes[0] < 9 * 2000  # about a kilobyte of record per FOV ...
+    assert result_size > 20 * (sizes[1] - sizes[0])  # ... against tens of kilobytes of cells
+
+
+def test_a_case_saved_with_results_inline_resumes(tmp_path: Path) -> None:
+    """Cases saved before results had files of their own carry them in case.json."""
+    store = CaseStore(tmp_path)
+    store.start(PARAMS, RULE, case_id="case-old")
+    record = store.add_capture("fov", _image(1), "pedal", 0.25)
+    store.set_result(record.fov_id, _result("her2_2plus.jpg"), None)
+    assert store.case is not None
+    (store.case_dir / "case.json").write_text(store.case.model_dump_json(indent=1), encoding="utf-8")
+    (store.case_dir / "fov-001.result.json").unlink()
+    resumed = CaseStore(tmp_path).resume()
+    assert resumed is not None and resumed.fovs[0].result == _result("her2_2plus.jpg")
 
 
 def test_the_image_is_stored_losslessly(store: CaseStore) -> None:
