@@ -148,10 +148,6 @@ class ScoringParams(_Frozen):
         description="per-cell method: smaller nuclei (below ~5.3 µm across) are lymphocytes or debris, not "
         "carcinoma cells, whose nuclei are 6-12 µm across.",
     )
-    min_tumour_nucleus_width_um: PositiveUm = Field(
-        4.0,
-        description="per-cell method: thinner nuclei are fibroblasts, endothelium or smooth muscle (2-4 µm wide).",
-    )
     max_tumour_nucleus_anisotropy: Annotated[float, Field(ge=1.0, le=100.0)] = Field(
         3.0,
         description="per-cell method: nuclei whose haematoxylin curves more than this many times as sharply across "

@@ -12,10 +12,12 @@ the contour hierarchy of a thresholded mask, one missing pixel does not open a r
 The *pattern* follows the guidelines' words: complete (circumferential), basolateral (U-shaped: one unstained
 arc, the apical side), lateral (two opposite stained arcs), partial, or none.
 
-Tumour or not. Tumour nuclei in carcinoma are large and round-to-oval; fibroblast and smooth-muscle nuclei are
-thin (2–4 µm wide) and elongated, lymphocyte nuclei small (5–7 µm) and round. Tumour cells are also cohesive:
-they lie in sheets, glands and nests, with several tumour-like neighbours within a cell diameter or two. Each
-criterion is a measurement with its physical reason in ``config.scoring.ScoringParams``.
+Nuclei are blobs of haematoxylin at nucleus scale (a difference of Gaussians), so pale, faded nuclei are found by
+their contrast, not their darkness. Tumour or not: carcinoma nuclei are large and round to oval; fibroblast and
+smooth-muscle nuclei are long and thin, a ridge of haematoxylin that curves several times more sharply across than
+along (the Hessian's anisotropy); debris and the smallest lymphocytes are below a tumour nucleus's area. Tumour
+cells are also cohesive: they lie in sheets, glands, nests and cords, with tumour-like neighbours within a cell
+diameter or two. Each criterion is a measurement with its physical reason in ``config.scoring.ScoringParams``.
 
 Everything here is at analysis resolution (``analysis_pixel_size_um``), (row, col), and pure.
 """
@@ -46,26 +48,6 @@ _ANGLES = np.linspace(0.0, 2.0 * math.pi, N_RAYS, endpoint=False)
 #: half maximum lies inside pale, vesicular nuclei whose chromatin is clumped at the centre and rim.
 _OUTLINE_CONTRAST = 0.3
 DIRECTIONS = np.stack([np.sin(_ANGLES), np.cos(_ANGLES)], axis=1)  # (row, col) per ray
-
-
-@dataclass(frozen=True, slots=True)
-class Nuclei:
-    """Nuclei of a FOV and their measured morphology (analysis pixels; sizes in µm).
-
-    Attributes
-    ----------
-    centres : (K, 2) float64 (row, col)
-    area_um2, width_um, length_um : (K,) float64 — half-maximum outline area, least and largest diameter
-    haematoxylin_od : (K,) float64 — contrast of the nucleus above its surroundings at nucleus scale
-    tumour : (K,) bool — tumour-like shape and cohesive context
-    """
-
-    centres: F64
-    area_um2: F64
-    width_um: F64
-    length_um: F64
-    haematoxylin_od: F64
-    tumour: npt.NDArray[np.bool_]
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,18 +180,15 @@ def nucleus_distance(shape: tuple[int, int], centres: F64) -> F32:
     return np.asarray(cv2.distanceTransform(seeds, cv2.DIST_L2, cv2.DIST_MASK_5), dtype=np.float32)
 
 
-def nucleus_shapes(
-    haematoxylin_od: F32, centres: F64, nearest: F32, pixel_size_um: float, max_radius_um: float
-) -> tuple[F64, F64, F64]:
-    """The outline of each nucleus along the rays: its area, width (least diameter) and length (µm).
+def nucleus_areas(haematoxylin_od: F32, centres: F64, nearest: F32, pixel_size_um: float, max_radius_um: float) -> F64:
+    """The area (µm²) of each nucleus, from its outline along the rays.
 
     Along each ray the nucleus ends where the haematoxylin (smoothed over its chromatin texture, σ = 1 µm) has
     fallen to ``_OUTLINE_CONTRAST`` of the way from the nucleus's centre to the ray's lowest value, or at the
     neighbour's Voronoi boundary (touching nuclei).
     """
     if len(centres) == 0:
-        empty = np.zeros(0)
-        return empty, empty, empty
+        return np.zeros(0)
     smooth = np.asarray(cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, 1.0 / pixel_size_um)), dtype=np.float32)
     values, inside, _, length = _ray_samples(
         smooth, nearest, centres, 0.0, max_radius_um / pixel_size_um, margin_px=0.0
@@ -222,9 +201,7 @@ def nucleus_shapes(
     first_below = np.argmax(below, axis=2)  # the first step below the outline level
     radius = np.maximum(length[np.arange(N_RAYS)[None, :], first_below], 0.5).astype(np.float64) * pixel_size_um
     sector = 2.0 * math.pi / N_RAYS
-    area = 0.5 * math.sin(sector) * (radius * np.roll(radius, -1, axis=1)).sum(axis=1)
-    diameters = radius[:, : N_RAYS // 2] + radius[:, N_RAYS // 2 :]
-    return area, diameters.min(axis=1), diameters.max(axis=1)
+    return np.asarray(0.5 * math.sin(sector) * (radius * np.roll(radius, -1, axis=1)).sum(axis=1), dtype=np.float64)
 
 
 def nucleus_anisotropy(smooth_haematoxylin_od: F32, centres: F64) -> F64:
@@ -262,21 +239,19 @@ def nucleus_anisotropy(smooth_haematoxylin_od: F32, centres: F64) -> F64:
 def tumour_nuclei(
     centres: F64,
     area_um2: F64,
-    width_um: F64,
     anisotropy: F64,
     pixel_size_um: float,
     *,
     min_area_um2: float,
-    min_width_um: float,
     max_anisotropy: float,
     neighbour_distance_um: float,
     min_neighbours: int,
 ) -> npt.NDArray[np.bool_]:
-    """Which nuclei are tumour: tumour-like shape (size, width, not spindle-shaped) and cohesive context (enough
+    """Which nuclei are tumour: tumour-like shape (large enough, not spindle-shaped) and cohesive context (enough
     tumour-like neighbours close by). See the module docstring for the reasons."""
     if len(centres) == 0:
         return np.zeros(0, dtype=bool)
-    shaped = (area_um2 >= min_area_um2) & (width_um >= min_width_um) & (anisotropy <= max_anisotropy)
+    shaped = (area_um2 >= min_area_um2) & (anisotropy <= max_anisotropy)
     if min_neighbours <= 0 or not shaped.any():
         return shaped
     points = centres[shaped] * pixel_size_um

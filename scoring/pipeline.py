@@ -43,6 +43,8 @@ MAX_PIXEL_SIZE_UM = 5.0
 _REGION_PIXEL_SIZE_UM = 2.0
 #: D_weak and D_intense (dilations by a cell radius) are evaluated at about this pixel size.
 _DILATION_PIXEL_SIZE_UM = 1.0
+#: Per-cell method: the counted cells' rings closed by this radius are the region they were counted in (their nests).
+_REGION_JOIN_UM = 2.0
 #: Haematoxylin + DAB OD (smoothed over 1 µm) at most this on glass, at least this in tissue (a lumen is glass).
 _GLASS_MAX_OD = 0.05
 
@@ -399,6 +401,8 @@ def _per_cell(
         cols = centres[index, 1, None] + rings.radii_px * cells_module.DIRECTIONS[None, :, 1]
         polygons = np.rint(np.stack([cols, rows], axis=2)).astype(np.int32)
         cv2.fillPoly(region, list(polygons), 1)
+        # the counted cells' rings, joined across the membranes and gaps between neighbours: the nests they form
+        region = morphology.close(region.astype(bool), _REGION_JOIN_UM / px).astype(np.uint8)
     excluded = centres[~tumour & _inside_frame(centres, shape, params, px)]
     found = _FoundCells(cells, region.astype(bool), excluded, _no_membranes(shape), _no_membranes(shape))
     return found, masks
@@ -435,17 +439,13 @@ def _tumour_nuclei(
         densities.haematoxylin, px, params.nucleus_diameter_um, params.nucleus_min_contrast_od
     )
     nearest = cells_module.nucleus_distance(shape, centres)
-    area, width, _ = cells_module.nucleus_shapes(
-        densities.haematoxylin, centres, nearest, px, params.nucleus_diameter_um
-    )
+    area = cells_module.nucleus_areas(densities.haematoxylin, centres, nearest, px, params.nucleus_diameter_um)
     tumour = cells_module.tumour_nuclei(
         centres,
         area,
-        width,
         cells_module.nucleus_anisotropy(smooth_h, centres),
         px,
         min_area_um2=params.min_tumour_nucleus_area_um2,
-        min_width_um=params.min_tumour_nucleus_width_um,
         max_anisotropy=params.max_tumour_nucleus_anisotropy,
         neighbour_distance_um=params.tumour_neighbour_distance_um,
         min_neighbours=params.min_tumour_neighbours,
