@@ -2,8 +2,8 @@
 fields with exact ground truth.
 
 Run: ``python -m bench.bench_accuracy [--data DIR] [--guideline breast|gastric|both] [--real-only |
---synthetic-only] [--fields-only] [--overlay-dir DIR] [--json FILE]``, or ``--docs`` to regenerate the overlay
-figures of ``docs/real_cores/``.
+--synthetic-only] [--fields-only] [--overlay-dir DIR] [--json FILE] [--membrane-method per-cell|contour-hierarchy]``,
+or ``--docs`` to regenerate the overlay figures of ``docs/real_cores/``.
 
 Real cores
 ----------
@@ -72,7 +72,7 @@ import numpy as np
 import numpy.typing as npt
 
 from clients.images import read_rgb, write_rgb
-from config.scoring import CaseRule, Guideline, ScoringParams
+from config.scoring import CaseRule, Guideline, MembraneMethod, ScoringParams
 from scoring import (
     CaseResult,
     ControlCalibration,
@@ -889,10 +889,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     only.add_argument("--docs", action="store_true", help="only regenerate the overlays of docs/real_cores/")
     parser.add_argument("--overlay-dir", type=Path, help="write every real field's overlay here (PNG)")
     parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
+    parser.add_argument(
+        "--membrane-method",
+        choices=[m.value for m in MembraneMethod],
+        default=ScoringParams().membrane_method.value,
+        help="how membranes are measured (default: the configuration's default)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     guidelines = list(GUIDELINES) if args.guideline == "both" else [args.guideline]
-    params = ScoringParams()
+    params = ScoringParams(membrane_method=MembraneMethod(args.membrane_method))
+    print(f"membrane method: {params.membrane_method.value}")
     document: dict[str, Any] = {
         "pixel_size_um": PIXEL_SIZE_UM,
         "guidelines": guidelines,
