@@ -229,7 +229,8 @@ def _draw_rings(layer: npt.NDArray[np.uint8], result: FovResult, canvas: _Canvas
         starts = canvas_xy[side_level == level]
         ends = np.roll(canvas_xy, -1, axis=1)[side_level == level]
         if len(starts):
-            segments = [np.stack([a, b]).reshape(-1, 1, 2) for a, b in zip(starts, ends, strict=True)]
+            # one (n, 2, 1, 2) array, handed over as views of its two-point segments
+            segments = list(np.stack([starts, ends], axis=1).reshape(-1, 2, 1, 2))
             # thin grey sides without antialiasing: a 1-pixel antialiased line would be all fringe
             line_type = cv2.LINE_8 if level == 0 else cv2.LINE_AA
             cv2.polylines(layer, segments, False, _rgba(colour, alpha), width, line_type)
