@@ -43,6 +43,8 @@ MAX_PIXEL_SIZE_UM = 5.0
 _REGION_PIXEL_SIZE_UM = 2.0
 #: D_weak and D_intense (dilations by a cell radius) are evaluated at about this pixel size.
 _DILATION_PIXEL_SIZE_UM = 1.0
+#: Every field of a per-cell Cell is set (given to model_construct, which then skips working it out per cell).
+_CELL_FIELDS = frozenset(Cell.model_fields)
 #: Per-cell method: the counted cells' rings closed by this radius are the region they were counted in (their nests).
 _REGION_JOIN_UM = 2.0
 #: Haematoxylin + DAB OD (smoothed over 1 µm) at most this on glass, at least this in tissue (a lumen is glass).
@@ -372,8 +374,7 @@ def _per_cell(
     fov_centres = analysis.to_fov(centres[index])
     # rays are measured in analysis pixels; the result gives them in µm from the nucleus centre
     radii_um = np.round(rings.radii_px * px, 1).tolist()  # 0.1 µm: a fifth of an analysis pixel
-    level_chars = np.array(["0", "1", "2"])
-    levels = ["".join(row) for row in level_chars[rings.level]]
+    levels = [row.tobytes().decode("ascii") for row in (rings.level + ord("0")).astype(np.uint8)]  # "0", "1", "2"
     completeness = np.round(rings.completeness, 4).tolist()
     intense_completeness = np.round(rings.intense_completeness, 4).tolist()
     ring_od = np.round(rings.ring_od, 4).tolist()
@@ -382,6 +383,7 @@ def _per_cell(
     # would cost more than measuring them
     cells = tuple(
         Cell.model_construct(
+            set(_CELL_FIELDS),
             row=float(fov_centres[k, 0]),
             col=float(fov_centres[k, 1]),
             her2_class=classes[k],
@@ -395,17 +397,28 @@ def _per_cell(
         )
         for k in range(len(index))
     )
-    region = np.zeros(shape, dtype=np.uint8)
-    if len(index):
-        rows = centres[index, 0, None] + rings.radii_px * cells_module.DIRECTIONS[None, :, 0]
-        cols = centres[index, 1, None] + rings.radii_px * cells_module.DIRECTIONS[None, :, 1]
-        polygons = np.rint(np.stack([cols, rows], axis=2)).astype(np.int32)
-        cv2.fillPoly(region, list(polygons), 1)
-        # the counted cells' rings, joined across the membranes and gaps between neighbours: the nests they form
-        region = morphology.close(region.astype(bool), _REGION_JOIN_UM / px).astype(np.uint8)
     excluded = centres[~tumour & _inside_frame(centres, shape, params, px)]
-    found = _FoundCells(cells, region.astype(bool), excluded, _no_membranes(shape), _no_membranes(shape))
+    region = _cells_region(centres[index], rings.radii_px, shape, px)
+    found = _FoundCells(cells, region, excluded, _no_membranes(shape), _no_membranes(shape))
     return found, masks
+
+
+def _cells_region(
+    centres: npt.NDArray[np.float64], radii_px: npt.NDArray[np.float64], shape: tuple[int, ...], px: float
+) -> BoolArray:
+    """Where the cells were counted: their rings, joined across the membranes and gaps between neighbours by a
+    closing of ``_REGION_JOIN_UM`` (the nests they form). A coarse outline: drawn on a grid of about
+    ``_REGION_PIXEL_SIZE_UM`` and brought back to ``shape``."""
+    scale = max(1, round(_REGION_PIXEL_SIZE_UM / px))
+    small_shape = (max(1, shape[0] // scale), max(1, shape[1] // scale))
+    small = np.zeros(small_shape, dtype=np.uint8)
+    if len(centres):
+        rows = (centres[:, 0, None] + radii_px * cells_module.DIRECTIONS[None, :, 0] + 0.5) / scale - 0.5
+        cols = (centres[:, 1, None] + radii_px * cells_module.DIRECTIONS[None, :, 1] + 0.5) / scale - 0.5
+        cv2.fillPoly(small, list(np.rint(np.stack([cols, rows], axis=2)).astype(np.int32)), 1)
+        small = morphology.close(small.astype(bool), _REGION_JOIN_UM / (px * scale)).astype(np.uint8)
+    full = cv2.resize(small, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return np.asarray(full, dtype=bool)
 
 
 def _membrane_inputs(
