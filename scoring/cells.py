@@ -127,7 +127,7 @@ def find_nuclei(
     pixel_size_um: float,
     nucleus_diameter_um: float,
     min_contrast_od: float,
-) -> tuple[F64, F64, F32]:
+) -> tuple[F64, F32]:
     """Nucleus centres: blobs of haematoxylin at nucleus scale (difference of Gaussians).
 
     A difference of Gaussians at the nucleus's scale responds to a blob of the nucleus's size whatever its
@@ -137,7 +137,6 @@ def find_nuclei(
     Returns
     -------
     centres : (K, 2) float64 (row, col)
-    contrast : (K,) float64, the blob's DoG response in OD
     smooth : (M, N) float32, the haematoxylin smoothed at a quarter of a nucleus diameter (for
         :func:`nucleus_anisotropy`)
     """
@@ -150,12 +149,13 @@ def find_nuclei(
     # a float DoG has no plateaus above the contrast floor: each peak is one pixel
     rows, cols = np.nonzero((dog >= local_max) & (dog > min_contrast_od))
     centres = np.column_stack([rows, cols]).astype(np.float64)
-    return centres, dog[rows, cols].astype(np.float64), np.asarray(fine, dtype=np.float32)
+    return centres, np.asarray(fine, dtype=np.float32)
 
 
 def _wide_blur(image: F32, sigma_px: float) -> F32:
-    """A Gaussian blur of a large sigma, computed on a grid a quarter as fine (exact to well under a percent for
-    a sigma of several coarse pixels) and interpolated back: a wide kernel at full resolution costs ~10x more."""
+    """A Gaussian blur of a large sigma, computed on a grid a quarter as fine and interpolated back (a smooth
+    background of a sigma of several coarse pixels loses nothing on it): a wide kernel at full resolution costs
+    about ten times more."""
     factor = 4 if sigma_px >= 8.0 else 1
     if factor == 1:
         return np.asarray(cv2.GaussianBlur(image, (0, 0), sigma_px), dtype=np.float32)

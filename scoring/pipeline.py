@@ -448,7 +448,7 @@ def _tumour_nuclei(
     shape = densities.dab.shape
     if cells_module.pixel_noise_od(densities) >= params.weak_threshold_od:
         return None
-    centres, _, smooth_h = cells_module.find_nuclei(
+    centres, smooth_h = cells_module.find_nuclei(
         densities.haematoxylin, px, params.nucleus_diameter_um, params.nucleus_min_contrast_od
     )
     nearest = cells_module.nucleus_distance(shape, centres)

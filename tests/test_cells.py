@@ -17,7 +17,7 @@ import pytest
 
 from config.scoring import CaseRule, Guideline, MembraneMethod, ScoringParams
 from scoring import FovResult, Her2Score, Her2Status, analyse_fov, calibrate_from_control, score_fov
-from scoring.cells import N_RAYS, classify_cells, membrane_patterns, nucleus_anisotropy
+from scoring.cells import N_RAYS, Rings, classify_cells, membrane_patterns, nucleus_anisotropy
 from scoring.results import MembranePattern
 from scoring.synthetic import SyntheticFov, render_control, render_fov, render_hard_control, render_hard_fov
 from tests.conftest import CONTOUR_METHOD, PIXEL_SIZE_40X, match_cells
@@ -103,8 +103,6 @@ def test_vectorised_patterns_equal_the_plain_reading() -> None:
 
 
 def test_classes_follow_the_guidelines_words() -> None:
-    from scoring.cells import Rings
-
     patterns = [
         MembranePattern.COMPLETE,
         MembranePattern.COMPLETE,
@@ -314,3 +312,93 @@ def test_a_frame_of_noise_is_not_scored() -> None:
     result = score_fov(noise, PIXEL_SIZE_40X, PER_CELL)
     assert result.counts.total == 0
     assert any("too noisy" in w for w in result.warnings)
+
+
+# ---------------------------------------------------------------------------------- rays on drawn cells
+
+
+def drawn_cell(arc_degrees: tuple[float, float] | None, od: float, gap_degrees: float = 0.0) -> np.ndarray:
+    """A 0.5 µm/px membrane-DAB image of one cell at (60, 60): a 1 µm ring of radius 6 µm stained over the arc
+    (start, end) in degrees (OpenCV: from +col towards +row), with an unstained gap of ``gap_degrees`` at 0°."""
+    import cv2
+
+    image = np.zeros((121, 121), np.float32)
+    if arc_degrees is not None:
+        start, end = arc_degrees
+        cv2.ellipse(image, (60, 60), (12, 12), 0, start + gap_degrees / 2, end - gap_degrees / 2, od, 2)
+    return image
+
+
+def measure(image: np.ndarray, intense: float = 0.5) -> Rings:
+    from scoring.cells import measure_rings, nucleus_distance
+
+    centres = np.array([[60.0, 60.0]])
+    return measure_rings(
+        image,
+        image,
+        np.ones(image.shape, dtype=bool),
+        nucleus_distance(image.shape, centres),
+        centres,
+        0.5,
+        min_radius_um=2.0,
+        max_radius_um=12.0,
+        boundary_margin_um=1.5,
+        weak_threshold_od=0.1,
+        intense_threshold_od=intense,
+    )
+
+
+@pytest.mark.parametrize(
+    ("arc", "gap", "pattern", "least", "most"),
+    [
+        ((0, 360), 0.0, MembranePattern.COMPLETE, 1.0, 1.0),
+        ((0, 360), 10.0, MembranePattern.COMPLETE, 1.0, 1.0),  # a ~1 µm gap: closed
+        ((0, 360), 60.0, MembranePattern.BASOLATERAL, 0.75, 0.9),  # a 60° gap (4 rays): a U, not a ring
+        ((-60, 240), 0.0, MembranePattern.BASOLATERAL, 0.75, 0.9),  # 300° of 360: a U open on one side
+        ((30, 90), 0.0, MembranePattern.PARTIAL, 0.15, 0.3),
+        (None, 0.0, MembranePattern.NONE, 0.0, 0.0),
+    ],
+)
+def test_rays_read_a_drawn_ring(
+    arc: tuple[float, float] | None, gap: float, pattern: MembranePattern, least: float, most: float
+) -> None:
+    rings = measure(drawn_cell(arc, 0.8, gap))
+    assert least <= rings.completeness[0] <= most, rings.completeness
+    assert rings.pattern[0] == pattern
+    stained = rings.level[0] > 0
+    if stained.any():
+        # the membrane point of a stained ray is on the drawn ring (radius 12 px = 6 µm, 2 px thick)
+        assert np.all(np.abs(rings.radii_px[0][stained] - 12.0) <= 2.0), rings.radii_px[0][stained]  # within 1 µm
+        assert rings.ring_od[0] == pytest.approx(0.8, abs=0.05)
+
+
+def test_rays_grade_intensity_against_the_thresholds() -> None:
+    strong, moderate = measure(drawn_cell((0, 360), 0.8)), measure(drawn_cell((0, 360), 0.3))
+    assert np.all(strong.level[0] == 2) and strong.intense_completeness[0] == 1.0
+    assert np.all(moderate.level[0] == 1) and moderate.intense_completeness[0] == 0.0
+
+
+def test_rays_stop_at_the_neighbours_territory() -> None:
+    """A stained ring around a neighbour 14 µm away is not this cell's membrane."""
+    import cv2
+
+    from scoring.cells import measure_rings, nucleus_distance
+
+    image = np.zeros((121, 181), np.float32)
+    cv2.circle(image, (116, 60), 12, 0.8, 2)  # the neighbour's ring, centred 56 px = 28 µm to the right
+    centres = np.array([[60.0, 60.0], [60.0, 116.0]])
+    rings = measure_rings(
+        image,
+        image,
+        np.ones(image.shape, dtype=bool),
+        nucleus_distance(image.shape, centres),
+        centres[:1],
+        0.5,
+        min_radius_um=2.0,
+        max_radius_um=12.0,
+        boundary_margin_um=1.5,
+        weak_threshold_od=0.1,
+        intense_threshold_od=0.5,
+    )
+    assert rings.pattern[0] == MembranePattern.NONE
+    assert rings.radii_px[0].max() <= 28.0 / 0.5 / 2 + 1.5 / 0.5 + 1.0  # the midline, plus the margin
