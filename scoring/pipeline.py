@@ -452,11 +452,17 @@ def _tumour_nuclei(
         densities.haematoxylin, px, params.nucleus_diameter_um, params.nucleus_min_contrast_od
     )
     nearest = cells_module.nucleus_distance(shape, centres)
-    area = cells_module.nucleus_areas(densities.haematoxylin, centres, nearest, px, params.nucleus_diameter_um)
+    anisotropy = cells_module.nucleus_anisotropy(smooth_h, centres)
+    # outlines are traced only for the nuclei that are not spindles (the others are no tumour whatever their area)
+    area = np.zeros(len(centres))
+    candidates = anisotropy <= params.max_tumour_nucleus_anisotropy
+    area[candidates] = cells_module.nucleus_areas(
+        densities.haematoxylin, centres[candidates], nearest, px, params.nucleus_diameter_um
+    )
     tumour = cells_module.tumour_nuclei(
         centres,
         area,
-        cells_module.nucleus_anisotropy(smooth_h, centres),
+        anisotropy,
         px,
         min_area_um2=params.min_tumour_nucleus_area_um2,
         max_anisotropy=params.max_tumour_nucleus_anisotropy,
