@@ -1,14 +1,21 @@
-"""Score one field of view: deconvolution → stain masks → complete membranes → nuclei → per-class counts.
+"""Score one field of view: deconvolution → membranes and nuclei → per-cell classes → the FOV's call.
 
-The steps and names follow the published method:
+Both membrane methods start from colour deconvolution to haematoxylin (H) and DAB OD (``scoring.stains``) and a
+membrane DAB image (DAB above its local cytoplasmic background, a white top-hat).
 
-1. Colour deconvolution to haematoxylin (H) and DAB OD (``scoring.stains``).
-2. [M_weak] = DAB > weak threshold; [M_intense] = DAB > intense threshold (from the positive control), ⊆ M_weak.
-3. [D_weak], [D_intense]: the masks dilated by a tumour-cell radius.
-4. Complete membranes on each mask from the contour hierarchy → [M_weak,complete], [M_intense,complete] (filled)
+Per-cell method (the default, ``membrane_method = "per-cell"``; ``scoring.cells``): nuclei by a difference of
+Gaussians → tumour nuclei by area, anisotropy and cohesion → 24 rays per tumour cell to its boundary → each
+cell's completeness, pattern and ring OD → its class as the case's guideline words it.
+
+Contour-hierarchy method (the published one, ``membrane_method = "contour-hierarchy"``), with its names:
+
+1. [M_weak] = membrane DAB > weak threshold; [M_intense] = DAB > intense threshold (from the positive control),
+   ⊆ M_weak.
+2. [D_weak], [D_intense]: the masks dilated by a tumour-cell radius.
+3. Complete membranes on each mask from the contour hierarchy → [M_weak,complete], [M_intense,complete] (filled)
    and their centres [P_weak,complete], [P_intense,complete] (``scoring.membranes``).
-5. Clear nuclei [P_clear] from H, inside the tumour region (``scoring.nuclei``).
-6. Counts:
+4. Clear nuclei [P_clear] from H, inside the tumour region (``scoring.nuclei``).
+5. Counts:
    N3+ = |P_intense,complete|;  N2+ = |P_weak,complete \\ M_intense,complete|;
    N1+ = |P_clear ∩ D_weak \\ (D_intense ∪ M_intense,complete ∪ M_weak,complete)|;
    N0  = |P_clear \\ (D_intense ∪ M_intense,complete ∪ M_weak,complete ∪ D_weak)|.
@@ -253,7 +260,7 @@ def analyse_fov(
     control : the positive-control calibration; without it the default intense threshold applies and the
         result says so.
     roi_polygon : the pathologist's ROI as (row, col) FOV pixels; counting is restricted to it.
-    rule : the ASCO/CAP rule for the per-FOV score.
+    rule : the case's rule: its guideline words the per-cell classes and makes the per-FOV call.
     channel_order : "RGB", or "BGR" for frames from OpenCV.
     """
     params = params or ScoringParams()

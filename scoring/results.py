@@ -137,7 +137,10 @@ class ControlCalibration(_Frozen):
 
     intense_threshold_od: float = Field(gt=0.0)
     source: ThresholdSource
-    membrane_ridge_od: float = Field(description="Mean control membrane DAB OD over the percentile range")
+    membrane_ridge_od: float = Field(
+        description="The control's intense level: per-cell method, the median ring OD of its stained tumour cells; "
+        "contour method, the mean DAB OD of its stained membrane pixels over the percentile range"
+    )
     percentile_range: tuple[float, float]
     n_membrane_pixels: int
     control_counts: ClassCounts
