@@ -83,7 +83,9 @@ class ScoringParams(_Frozen):
         "resolved and a 40x FOV is analysed four times faster.",
     )
     weak_threshold_od: OpticalDensity = Field(
-        0.10, description="DAB OD above which a pixel is stained at all (M_weak); ~barely perceptible brown."
+        0.10,
+        description="DAB OD above which membrane is stained at all, ~barely perceptible brown (M_weak; per-cell "
+        "method: a ray's membrane peak, or the batch's faint level if lower, see moderate_fraction_of_intense).",
     )
     membrane_width_um: PositiveUm = Field(
         2.0,
@@ -133,9 +135,9 @@ class ScoringParams(_Frozen):
     moderate_fraction_of_intense: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
         0.5,
         description="per-cell method: weak-to-moderate staining (2+) starts at this fraction of the intense "
-        "threshold; fainter staining is 'faint/barely perceptible' (1+). The guidelines' magnification rule spaces "
-        "the grades: strong is seen at 2.5-5x, weak to moderate at 10-20x, faint only at 40x; each step is about "
-        "half the contrast.",
+        "threshold, and faint staining (1+) at its square (or at weak_threshold_od if lower). The guidelines' "
+        "magnification rule spaces the grades: strong is seen at 2.5-5x, weak to moderate at 10-20x, faint only "
+        "at 40x; each step is about half the contrast.",
     )
     nucleus_min_contrast_od: OpticalDensity = Field(
         0.015,

@@ -73,6 +73,30 @@ class Rings:
     pattern: npt.NDArray[np.object_]
 
 
+@dataclass(frozen=True, slots=True)
+class StainGrades:
+    """The DAB OD levels of a staining batch: a ring is strong above ``intense_od``, weak to moderate above
+    ``moderate_od``, faint ("barely perceptible") above ``faint_od``, unstained below."""
+
+    faint_od: float
+    moderate_od: float
+    intense_od: float
+
+    @classmethod
+    def of_batch(cls, intense_od: float, step: float, perceptible_od: float) -> StainGrades:
+        """The grades below an intense threshold (from the positive control, or the default).
+
+        The guidelines' magnification rule spaces the grades a step apart — strong staining is seen at 2.5–5x,
+        weak to moderate at 10–20x, faint only at 40x — and each step of magnification is about a factor ``step``
+        (0.5) of contrast: moderate starts at ``step`` × intense, faint at ``step``² × intense. Staining at
+        ``perceptible_od`` is perceptible whatever the batch, so faint starts no higher than that: a weakly
+        stained batch (a fainter control) lowers the faint level with the others, a strong one does not raise it.
+        """
+        return cls(
+            faint_od=min(perceptible_od, step * step * intense_od), moderate_od=step * intense_od, intense_od=intense_od
+        )
+
+
 #: The patterns each guideline accepts as the membrane staining of 2+ and 3+ cells: the breast guideline asks for
 #: complete (circumferential) staining; the gastroesophageal one accepts "complete, basolateral or lateral".
 QUALIFYING_PATTERNS: dict[Guideline, frozenset[MembranePattern]] = {

@@ -275,14 +275,18 @@ def analyse_fov(
     roi = polygon_mask(roi_polygon, analysis) if roi_polygon is not None else None
     membrane: MembraneMasks
     if params.membrane_method == MembraneMethod.PER_CELL:
-        found, membrane = _per_cell(analysis, params, rule, intense_threshold, roi)
+        grades = cells_module.StainGrades.of_batch(
+            intense_threshold, params.moderate_fraction_of_intense, params.weak_threshold_od
+        )
+        found, membrane = _per_cell(analysis, params, rule, grades, roi)
+        weak_threshold = grades.faint_od
     else:
         masks = stain_masks(analysis, params, intense_threshold)
         found = _contour_hierarchy(analysis, masks, params, roi)
         membrane = masks
+        weak_threshold = params.weak_threshold_od
     cells, region, excluded = found.cells, found.region, found.excluded_rc
     weak, intense = membrane.weak, membrane.intense
-    weak_threshold = params.weak_threshold_od
     counts = ClassCounts(
         zero=sum(c.her2_class == Her2Score.ZERO for c in cells),
         one_plus=sum(c.her2_class == Her2Score.ONE_PLUS for c in cells),
@@ -344,7 +348,7 @@ def _per_cell(
     analysis: AnalysisImage,
     params: ScoringParams,
     rule: CaseRule,
-    intense_threshold: float,
+    grades: cells_module.StainGrades,
     roi: BoolArray | None,
 ) -> tuple[_FoundCells, MembraneMasks]:
     """Nuclei → tumour nuclei by shape and cohesion → a ring of rays per tumour cell → class by the guideline.
@@ -353,7 +357,7 @@ def _per_cell(
     GIL; the results are those of a serial run).
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
-        membrane_future = pool.submit(_membrane_inputs, analysis, params, intense_threshold)
+        membrane_future = pool.submit(_membrane_inputs, analysis, params, grades.intense_od)
         nuclei_found = _tumour_nuclei(analysis, params, roi)
         masks, membrane_dab, tissue = membrane_future.result()
     if nuclei_found is None:
@@ -372,12 +376,10 @@ def _per_cell(
         min_radius_um=params.nucleus_diameter_um / 4.0,
         max_radius_um=params.max_cell_radius_um,
         boundary_margin_um=params.membrane_search_margin_um,
-        weak_threshold_od=params.weak_threshold_od,
-        intense_threshold_od=intense_threshold,
+        weak_threshold_od=grades.faint_od,
+        intense_threshold_od=grades.intense_od,
     )
-    classes = cells_module.classify_cells(
-        rings, rule.guideline, intense_threshold, params.moderate_fraction_of_intense * intense_threshold
-    )
+    classes = cells_module.classify_cells(rings, rule.guideline, grades.intense_od, grades.moderate_od)
     fov_centres = analysis.to_fov(centres[index])
     # rays are measured in analysis pixels; the result gives them in µm from the nucleus centre
     radii_um = np.round(rings.radii_px * px, 1).tolist()  # 0.1 µm: a fifth of an analysis pixel
