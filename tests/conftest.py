@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -15,6 +17,20 @@ from scoring import ControlCalibration, calibrate_from_control
 from scoring.synthetic import SyntheticFov, render_control, render_fov
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for the processes a test starts: the kernel sends them SIGTERM when the test process dies,
+    so a killed test run (a timeout, Ctrl-C twice) leaves no daemon, recorder or viewer behind (Linux; elsewhere a
+    no-op). Popen must then be called from the main thread, whose exit is the parent's death."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 PIXEL_SIZE_40X = 0.25
 
 

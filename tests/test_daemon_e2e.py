@@ -20,6 +20,7 @@ import pytest
 
 from clients.control import ControlClient, ControlError, Subscriber, read_endpoints
 from daemon.protocol import Message, Topic
+from tests.conftest import die_with_parent
 
 CONFIG = """
 [optics]
@@ -80,6 +81,7 @@ class Daemon:
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=die_with_parent,
         )
         endpoints_file = state / "endpoints.json"
         try:

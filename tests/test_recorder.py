@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from clients.control import ControlError
+from tests.conftest import die_with_parent
 from tests.test_daemon_e2e import CONFIG, Daemon, arrive, json_lines, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,7 @@ class RecorderProcess:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=die_with_parent,
         )
 
     def kill(self) -> None:

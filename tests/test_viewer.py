@@ -42,6 +42,7 @@ from daemon.protocol import (
     encode,
 )
 from scoring.overlay import LAYER_NAMES
+from tests.conftest import die_with_parent
 from tests.test_daemon_e2e import CONFIG, DEADLINE_S, Daemon, arrive, next_message, wait_for
 
 SESSION = "0123456789abcdef"
@@ -740,6 +741,7 @@ def xvfb(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         pass_fds=(write,),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
     )
     os.close(write)
     try:
@@ -772,6 +774,7 @@ def window_viewer(daemon: Daemon, display: str, framebuffer: Path, log: Path) ->
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
             env={**os.environ, "DISPLAY": display, "QT_QPA_PLATFORM": "xcb"},
+            preexec_fn=die_with_parent,
         )
     try:
         rows, cols = SIZE
