@@ -304,8 +304,10 @@ def render_report(
     out.append("</table>")
 
     # overlays
-    out.append("<h2>Overlays</h2><div class='small'>Rings: counted cells by class (colours as above); green/red ")
-    out.append("contours: complete membranes (2+/3+); cyan: analysed tumour region.</div><div class='grid'>")
+    out.append("<h2>Overlays</h2><div class='small'>Dots: counted tumour cells by class (colours as above); rings: ")
+    out.append("each cell's membrane where stained (red intense, yellow weak to moderate, grey unstained); grey ")
+    out.append("crosses: nuclei that are not tumour; cyan: where cells were counted. (Contour-hierarchy method: ")
+    out.append("rings by class, green/red contours of complete membranes.)</div><div class='grid'>")
     for event in latest.values():
         data = _field(event, "data")
         fov_id = _field(event, "fov_id")
