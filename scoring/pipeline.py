@@ -340,7 +340,7 @@ class _FoundCells:
     warnings: tuple[str, ...] = ()
 
 
-def _no_membranes(shape: tuple[int, int]) -> CompleteMembranes:
+def _no_membranes(shape: tuple[int, ...]) -> CompleteMembranes:
     return CompleteMembranes(np.zeros(shape, dtype=bool), np.zeros((0, 2)), ())
 
 
@@ -356,21 +356,23 @@ def _per_cell(
     What the rays read is computed on a second thread while the nuclei are found (OpenCV and NumPy release the
     GIL; the results are those of a serial run).
     """
+    noise = cells_module.pixel_noise_od(analysis.densities)
+    if noise >= params.weak_threshold_od:
+        masks = membrane_masks(analysis, params, grades.intense_od, drop_specks=False)
+        return _too_noisy(analysis.densities.dab.shape, noise, params.weak_threshold_od), masks
     with ThreadPoolExecutor(max_workers=1) as pool:
         membrane_future = pool.submit(_membrane_inputs, analysis, params, grades.intense_od)
-        nuclei_found = _tumour_nuclei(analysis, params, roi)
+        nuclei = _tumour_nuclei(analysis, params, roi)
         masks, membrane_dab, tissue = membrane_future.result()
-    if nuclei_found is None:
-        return _too_noisy(analysis, params), masks
-    centres, area, nearest, tumour, counted = nuclei_found
+    centres = nuclei.centres
     px = analysis.pixel_size_um
     shape = analysis.densities.dab.shape
-    index = np.flatnonzero(counted)
+    index = np.flatnonzero(nuclei.counted)
     rings = cells_module.measure_rings(
         membrane_dab,
         analysis.densities.dab,
         tissue,
-        nearest,
+        nuclei.nearest,
         centres[index],
         px,
         min_radius_um=params.nucleus_diameter_um / 4.0,
@@ -387,7 +389,7 @@ def _per_cell(
     completeness = np.round(rings.completeness, 4).tolist()
     intense_completeness = np.round(rings.intense_completeness, 4).tolist()
     ring_od = np.round(rings.ring_od, 4).tolist()
-    nucleus_area = np.round(area[index], 1).tolist()
+    nucleus_area = np.round(nuclei.area_um2[index], 1).tolist()
     # model_construct: these values are made here and valid by construction; validating ~1000 cells per FOV
     # would cost more than measuring them
     cells = tuple(
@@ -406,9 +408,8 @@ def _per_cell(
         )
         for k in range(len(index))
     )
-    excluded = centres[~tumour & _inside_frame(centres, shape, params, px)]
     region = _cells_region(centres[index], rings.radii_px, shape, px)
-    found = _FoundCells(cells, region, excluded, _no_membranes(shape), _no_membranes(shape))
+    found = _FoundCells(cells, region, nuclei.excluded_rc, _no_membranes(shape), _no_membranes(shape))
     return found, masks
 
 
@@ -447,16 +448,31 @@ def _membrane_inputs(
     return masks, np.asarray(membrane_dab, dtype=np.float32), tissue
 
 
-def _tumour_nuclei(
-    analysis: AnalysisImage, params: ScoringParams, roi: BoolArray | None
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float32], BoolArray, BoolArray] | None:
-    """Every nucleus's centre, its area (µm²), the distance map to the nearest nucleus, which nuclei are tumour,
-    and which of those are counted (inside the frame and the ROI); None for a frame too noisy to see membranes."""
+@dataclass(frozen=True, slots=True)
+class _Nuclei:
+    """The nuclei of a FOV (analysis pixels).
+
+    Attributes
+    ----------
+    centres : (K, 2) every nucleus's centre (row, col)
+    area_um2 : (K,) outline areas (0 for spindles, whose outline is not traced)
+    nearest : (M, N) the distance to the nearest nucleus, which bounds every cell's territory
+    counted : (K,) tumour nuclei inside the frame and the ROI: the cells to measure
+    excluded_rc : nuclei inside the frame that are not tumour, shown as such
+    """
+
+    centres: npt.NDArray[np.float64]
+    area_um2: npt.NDArray[np.float64]
+    nearest: npt.NDArray[np.float32]
+    counted: BoolArray
+    excluded_rc: npt.NDArray[np.float64]
+
+
+def _tumour_nuclei(analysis: AnalysisImage, params: ScoringParams, roi: BoolArray | None) -> _Nuclei:
+    """Every nucleus, its area, which are tumour (area, anisotropy, cohesion) and which of those are counted."""
     px = analysis.pixel_size_um
     densities = analysis.densities
     shape = densities.dab.shape
-    if cells_module.pixel_noise_od(densities) >= params.weak_threshold_od:
-        return None
     centres, smooth_h = cells_module.find_nuclei(
         densities.haematoxylin, px, params.nucleus_diameter_um, params.nucleus_min_contrast_od
     )
@@ -478,10 +494,11 @@ def _tumour_nuclei(
         neighbour_distance_um=params.tumour_neighbour_distance_um,
         min_neighbours=params.min_tumour_neighbours,
     )
-    counted = tumour & _inside_frame(centres, shape, params, px)
+    inside_frame = _inside_frame(centres, shape, params, px)
+    counted = tumour & inside_frame
     if roi is not None:
         counted &= morphology.sample(roi, centres).astype(bool)
-    return centres, area, nearest, tumour, counted
+    return _Nuclei(centres, area, nearest, counted, centres[~tumour & inside_frame])
 
 
 def _inside_frame(
@@ -495,10 +512,8 @@ def _inside_frame(
     return inside
 
 
-def _too_noisy(analysis: AnalysisImage, params: ScoringParams) -> _FoundCells:
+def _too_noisy(shape: tuple[int, ...], noise_od: float, weak_threshold_od: float) -> _FoundCells:
     """No cells, and why: pixel-to-pixel variation as large as barely perceptible staining hides every membrane."""
-    shape = analysis.densities.dab.shape
-    noise = cells_module.pixel_noise_od(analysis.densities)
     return _FoundCells(
         (),
         np.zeros(shape, dtype=bool),
@@ -506,8 +521,8 @@ def _too_noisy(analysis: AnalysisImage, params: ScoringParams) -> _FoundCells:
         _no_membranes(shape),
         _no_membranes(shape),
         (
-            f"the image is too noisy to score: its pixel-to-pixel stain variation ({noise:.2f} OD) is as large as "
-            f"barely perceptible membrane staining ({params.weak_threshold_od:.2f} OD); check exposure and focus",
+            f"the image is too noisy to score: its pixel-to-pixel stain variation ({noise_od:.2f} OD) is as large "
+            f"as barely perceptible membrane staining ({weak_threshold_od:.2f} OD); check exposure and focus",
         ),
     )
 
