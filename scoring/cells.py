@@ -43,11 +43,24 @@ F32 = npt.NDArray[np.float32]
 #: Rays per cell: 24 rays are 15° apart, about 1.3 µm of membrane apart on a 5 µm cell radius, so one ray's gap
 #: is a gap a pathologist does not see as a break.
 N_RAYS = 24
-_ANGLES = np.linspace(0.0, 2.0 * math.pi, N_RAYS, endpoint=False)
 #: A nucleus's outline lies where its haematoxylin has fallen to 30% of its contrast over the surroundings: the
 #: half maximum lies inside pale, vesicular nuclei whose chromatin is clumped at the centre and rim.
 _OUTLINE_CONTRAST = 0.3
-DIRECTIONS = np.stack([np.sin(_ANGLES), np.cos(_ANGLES)], axis=1)  # (row, col) per ray
+
+
+def ray_directions(n_rays: int = N_RAYS) -> F64:
+    """(n_rays, 2) unit (row, col) steps of the rays: ray k at angle 2πk/n from the +col axis towards +row."""
+    angles = np.linspace(0.0, 2.0 * math.pi, n_rays, endpoint=False)
+    return np.stack([np.sin(angles), np.cos(angles)], axis=1)
+
+
+_DIRECTIONS = ray_directions()
+
+
+def ring_points(centres: F64, radii: F64) -> F64:
+    """(K, N, 2) (row, col) points of K rings of N rays: ``radii`` (K, N) along each ray from ``centres`` (K, 2),
+    in the same units as both."""
+    return centres[:, None, :] + radii[:, :, None] * ray_directions(radii.shape[1])[None, :, :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,8 +430,8 @@ def _ray_offsets(start: float, stop: float) -> tuple[npt.NDArray[np.int32], npt.
     """Integer (row, col) pixel offsets of the samples of every ray, one pixel apart from ``start`` to ``stop``
     pixels, and their exact distances from the centre pixel: (N_RAYS, S) each, computed once per step range."""
     steps = np.arange(start, stop + 0.5)
-    d_row = np.rint(steps[None, :] * DIRECTIONS[:, 0, None]).astype(np.int32)
-    d_col = np.rint(steps[None, :] * DIRECTIONS[:, 1, None]).astype(np.int32)
+    d_row = np.rint(steps[None, :] * _DIRECTIONS[:, 0, None]).astype(np.int32)
+    d_col = np.rint(steps[None, :] * _DIRECTIONS[:, 1, None]).astype(np.int32)
     length = np.hypot(d_row, d_col).astype(np.float32)
     for table in (d_row, d_col, length):
         table.flags.writeable = False  # shared by every call

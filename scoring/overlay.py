@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from skimage.morphology import skeletonize
 
+from scoring.cells import ring_points
 from scoring.morphology import BoolArray, sample
 from scoring.pipeline import FovAnalysis
 from scoring.results import CaseResult, FovResult, Her2Score
@@ -210,11 +211,9 @@ def _draw_rings(layer: npt.NDArray[np.uint8], result: FovResult, canvas: _Canvas
     of its rays are (the lesser of the two), so a stained arc shows exactly where the rays found membrane."""
     cells = [cell for cell in result.cells if cell.ring_radii_um]
     n_rays = len(cells[0].ring_radii_um)
-    angles = np.linspace(0.0, 2.0 * np.pi, n_rays, endpoint=False)
-    directions = np.stack([np.sin(angles), np.cos(angles)], axis=1)
     centres = np.array([(c.row, c.col) for c in cells], dtype=np.float64)
     radii_px = np.array([c.ring_radii_um for c in cells], dtype=np.float64) / result.pixel_size_um
-    points_rc = centres[:, None, :] + radii_px[:, :, None] * directions[None, :, :]
+    points_rc = ring_points(centres, radii_px)
     canvas_xy = (
         np.rint(canvas.points(points_rc.reshape(-1, 2))[:, ::-1]).astype(np.int32).reshape(len(cells), n_rays, 2)
     )

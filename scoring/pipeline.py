@@ -423,9 +423,8 @@ def _cells_region(
     small_shape = (max(1, shape[0] // scale), max(1, shape[1] // scale))
     small = np.zeros(small_shape, dtype=np.uint8)
     if len(centres):
-        rows = (centres[:, 0, None] + radii_px * cells_module.DIRECTIONS[None, :, 0] + 0.5) / scale - 0.5
-        cols = (centres[:, 1, None] + radii_px * cells_module.DIRECTIONS[None, :, 1] + 0.5) / scale - 0.5
-        cv2.fillPoly(small, list(np.rint(np.stack([cols, rows], axis=2)).astype(np.int32)), 1)
+        points_rc = (cells_module.ring_points(centres, radii_px) + 0.5) / scale - 0.5
+        cv2.fillPoly(small, list(np.rint(points_rc[:, :, ::-1]).astype(np.int32)), 1)
         small = morphology.close(small.astype(bool), _REGION_JOIN_UM / (px * scale)).astype(np.uint8)
     full = cv2.resize(small, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return np.asarray(full, dtype=bool)
