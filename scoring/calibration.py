@@ -66,14 +66,10 @@ def calibrate_from_control(
     source = ThresholdSource.CONTROL if region_polygon is None else ThresholdSource.CONTROL_REGION
     if params.membrane_method == MembraneMethod.PER_CELL:
         ridge, n_membrane = _control_cells_ridge(image, pixel_size_um, params, region_polygon, rule, channel_order)
+        threshold = params.control_cell_intense_fraction * ridge
     else:
         ridge, n_membrane = _control_pixels_ridge(image, pixel_size_um, params, region_polygon, channel_order)
-    fraction = (
-        params.control_cell_intense_fraction
-        if params.membrane_method == MembraneMethod.PER_CELL
-        else params.control_intense_fraction
-    )
-    threshold = fraction * ridge
+        threshold = params.control_intense_fraction * ridge
     warnings: list[str] = []
     if threshold <= 1.5 * params.weak_threshold_od:
         warnings.append(
