@@ -90,9 +90,9 @@ def call_score(counts: ClassCounts, rule: CaseRule, clusters: ClassCounts | None
     total = counts.total
     if total < rule.min_tumour_cells:
         return _not_assessable(total, rule)
-    n3 = counts.three_plus
-    n2_or_more = counts.two_plus + n3
-    n1_or_more = counts.one_plus + n2_or_more
+    n3, n2_or_more, n1_or_more = (
+        counts.at_least(s) for s in (Her2Score.THREE_PLUS, Her2Score.TWO_PLUS, Her2Score.ONE_PLUS)
+    )
     cut = rule.cutoff_percent
 
     def above(n: int, percent: float) -> bool:
@@ -146,9 +146,9 @@ def _gastric_resection(counts: ClassCounts, rule: CaseRule) -> ScoreCall:
     total = counts.total
     if total < rule.min_tumour_cells:
         return _not_assessable(total, rule)
-    n3 = counts.three_plus
-    n2_or_more = counts.two_plus + n3
-    n1_or_more = counts.one_plus + n2_or_more
+    n3, n2_or_more, n1_or_more = (
+        counts.at_least(s) for s in (Her2Score.THREE_PLUS, Her2Score.TWO_PLUS, Her2Score.ONE_PLUS)
+    )
     cut = rule.cutoff_percent
     name = _rule_name(rule)
 

@@ -75,6 +75,11 @@ class ClassCounts(_Frozen):
             Her2Score.THREE_PLUS: self.three_plus,
         }[Her2Score(score)]
 
+    def at_least(self, score: Her2Score | str) -> int:
+        """Cells of class ``score`` or higher (a higher class also meets a lower one's description)."""
+        lowest = HER2_SCORES.index(Her2Score(score))
+        return sum(self[s] for s in HER2_SCORES[lowest:])
+
     def __add__(self, other: ClassCounts) -> ClassCounts:
         return ClassCounts(
             zero=self.zero + other.zero,
