@@ -343,16 +343,17 @@ def drawn_cell(arc_degrees: tuple[float, float] | None, od: float, gap_degrees: 
     return image
 
 
-def measure(image: np.ndarray, intense: float = 0.5) -> Rings:
+def measure(image: np.ndarray, intense: float = 0.5, neighbours: tuple[tuple[float, float], ...] = ()) -> Rings:
+    """The rays of the cell at (60, 60) of ``image`` (0.5 µm/px), whose territory ``neighbours``' nuclei bound."""
     from scoring.cells import measure_rings, nucleus_distance
 
-    centres = np.array([[60.0, 60.0]])
+    centres = np.array([[60.0, 60.0], *neighbours])
     return measure_rings(
         image,
         image,
         np.ones(image.shape, dtype=bool),
         nucleus_distance(image.shape, centres),
-        centres,
+        centres[:1],
         0.5,
         min_radius_um=2.0,
         max_radius_um=12.0,
@@ -396,23 +397,8 @@ def test_rays_stop_at_the_neighbours_territory() -> None:
     """A stained ring around a neighbour 14 µm away is not this cell's membrane."""
     import cv2
 
-    from scoring.cells import measure_rings, nucleus_distance
-
     image = np.zeros((121, 181), np.float32)
     cv2.circle(image, (116, 60), 12, 0.8, 2)  # the neighbour's ring, centred 56 px = 28 µm to the right
-    centres = np.array([[60.0, 60.0], [60.0, 116.0]])
-    rings = measure_rings(
-        image,
-        image,
-        np.ones(image.shape, dtype=bool),
-        nucleus_distance(image.shape, centres),
-        centres[:1],
-        0.5,
-        min_radius_um=2.0,
-        max_radius_um=12.0,
-        boundary_margin_um=1.5,
-        weak_threshold_od=0.1,
-        intense_threshold_od=0.5,
-    )
+    rings = measure(image, neighbours=((60.0, 116.0),))
     assert rings.pattern[0] == MembranePattern.NONE
     assert rings.radii_px[0].max() <= 28.0 / 0.5 / 2 + 1.5 / 0.5 + 1.0  # the midline, plus the margin
