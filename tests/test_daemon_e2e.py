@@ -6,6 +6,7 @@ the tests talk to it over its real ZeroMQ sockets, in the order a pathologist wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -162,16 +163,27 @@ def next_message(subscriber: Subscriber, predicate: Callable[[Message], bool], w
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    root = tmp_path_factory.mktemp("daemon")
+@contextlib.contextmanager
+def running_daemon(root: Path) -> Iterator[Daemon]:
+    """A daemon on ``CONFIG`` with its state, configuration and log in ``root``; stopped afterwards (or, when it
+    has died, its log closed)."""
     state = root / "state"
     config = root / "config.toml"
     config.write_text(CONFIG.format(state=state))
     running = Daemon(state, config, root / "daemon.log")
-    yield running
-    if running.process.poll() is None:
-        running.stop()
+    try:
+        yield running
+    finally:
+        if running.process.poll() is None:
+            running.stop()
+        else:
+            running.log.close()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("daemon")) as running:
+        yield running
 
 
 def test_previews_and_heartbeats_are_published(daemon: Daemon) -> None:

@@ -11,23 +11,14 @@ import pytest
 
 from clients.control import ControlError
 from daemon.protocol import Topic
-from tests.test_daemon_e2e import CONFIG, Daemon, next_message, wait_for
+from tests.test_daemon_e2e import Daemon, next_message, running_daemon, wait_for
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    state = tmp_path / "state"
-    config = tmp_path / "config.toml"
-    config.write_text(CONFIG.format(state=state))
-    running = Daemon(state, config, tmp_path / "daemon.log")
-    try:
+    with running_daemon(tmp_path) as running:
         running.control.call("auto-capture", enabled=False)  # captures come from the test only
         yield running
-    finally:
-        if running.process.poll() is None:
-            running.stop()
-        else:
-            running.log.close()
 
 
 def test_a_gastric_biopsy_case_is_reported_scored_and_resumed_with_its_guideline(

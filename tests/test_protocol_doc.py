@@ -28,7 +28,7 @@ from daemon.protocol import (
     StatusBody,
     Topic,
 )
-from tests.test_daemon_e2e import CONFIG, Daemon, wait_for
+from tests.test_daemon_e2e import Daemon, running_daemon, wait_for
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 EXAMPLE_MARKER = "<!-- example-client"
@@ -76,17 +76,8 @@ def test_the_example_client_uses_only_pyzmq_and_json(doc: str) -> None:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    state = tmp_path / "state"
-    config = tmp_path / "config.toml"
-    config.write_text(CONFIG.format(state=state))
-    running = Daemon(state, config, tmp_path / "daemon.log")
-    try:
+    with running_daemon(tmp_path) as running:
         yield running
-    finally:
-        if running.process.poll() is None:
-            running.stop()
-        else:
-            running.log.close()
 
 
 def test_the_example_client_prints_case_scores_and_captures(doc: str, daemon: Daemon, tmp_path: Path) -> None:
