@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from clients.recorder.documents import CLASSES
+from config.scoring import Guideline
+from scoring.case import GUIDELINE_SOURCES
 
 #: The overlays' class colours (scoring.overlay.CLASS_COLOURS), so chart, table and pictures agree.
 CLASS_COLOURS = {"0": "#2878ff", "1+": "#f2d300", "2+": "#ff8c00", "3+": "#e61414"}
@@ -82,8 +84,8 @@ def _iso(text: str | None) -> str:
 
 
 GUIDELINE_LABELS = {
-    "breast": "breast, ASCO/CAP 2018/2023 (0 split into null/ultralow, 2025)",
-    "gastric": "gastric, CAP/ASCP/ASCO 2016 gastroesophageal adenocarcinoma",
+    "breast": f"breast, {GUIDELINE_SOURCES[Guideline.BREAST]} (0 split into null/ultralow, 2025)",
+    "gastric": f"gastric, {GUIDELINE_SOURCES[Guideline.GASTRIC]} gastroesophageal adenocarcinoma",
 }
 
 

@@ -63,6 +63,12 @@ from scoring.results import (
 
 NO_CONTROL_WARNING = "no positive control: the default intense threshold was used"
 
+#: The publication each guideline's rule follows, as the panel, the report and the table cite it.
+GUIDELINE_SOURCES: dict[Guideline, str] = {
+    Guideline.BREAST: "ASCO/CAP 2018/2023",
+    Guideline.GASTRIC: "CAP/ASCP/ASCO 2016",
+}
+
 
 def call_score(counts: ClassCounts, rule: CaseRule, clusters: ClassCounts | None = None) -> ScoreCall:
     """Apply the case's guideline to ``counts``; see the module docstring.

@@ -24,6 +24,8 @@ import numpy as np
 import numpy.typing as npt
 from skimage.morphology import skeletonize
 
+from config.scoring import Guideline, Specimen
+from scoring.case import GUIDELINE_SOURCES
 from scoring.cells import ring_points
 from scoring.morphology import BoolArray, sample
 from scoring.pipeline import FovAnalysis
@@ -217,8 +219,10 @@ def _draw_rings(layer: npt.NDArray[np.uint8], result: FovResult, canvas: _Canvas
     canvas_xy = (
         np.rint(canvas.points(points_rc.reshape(-1, 2))[:, ::-1]).astype(np.int32).reshape(len(cells), n_rays, 2)
     )
-    levels = np.array([[int(ch) for ch in c.ring_levels] for c in cells], dtype=np.int8)
+    digits = np.frombuffer("".join(c.ring_levels for c in cells).encode("ascii"), dtype=np.uint8)
+    levels = (digits - ord("0")).reshape(len(cells), n_rays)  # "0", "1", "2" per ray
     side_level = np.minimum(levels, np.roll(levels, -1, axis=1))
+    side_ends = np.roll(canvas_xy, -1, axis=1)
     thin = max(1, line // 2)
     for level, colour, alpha, width in (
         (0, UNSTAINED_COLOUR, 150, thin),
@@ -226,7 +230,7 @@ def _draw_rings(layer: npt.NDArray[np.uint8], result: FovResult, canvas: _Canvas
         (2, INTENSE_COLOUR, 255, line),
     ):
         starts = canvas_xy[side_level == level]
-        ends = np.roll(canvas_xy, -1, axis=1)[side_level == level]
+        ends = side_ends[side_level == level]
         if len(starts):
             # one (n, 2, 1, 2) array, handed over as views of its two-point segments
             segments = list(np.stack([starts, ends], axis=1).reshape(-1, 2, 1, 2))
@@ -265,9 +269,10 @@ def panel_lines(result: FovResult, case: CaseResult | None = None) -> list[tuple
             )
         )
     lines.append((call.reason, (230, 230, 230)))
-    rule = {"breast": "breast, ASCO/CAP 2018/2023", "gastric": f"gastric ({call.specimen.value}), CAP/ASCP/ASCO 2016"}
-    lines.append((f"rule: {rule.get(call.guideline.value, call.guideline.value)}", (200, 200, 200)))
-    if call.guideline.value == "gastric" and call.specimen.value == "biopsy":
+    gastric = call.guideline == Guideline.GASTRIC
+    rule = f"{call.guideline.value} ({call.specimen.value})" if gastric else call.guideline.value
+    lines.append((f"rule: {rule}, {GUIDELINE_SOURCES[call.guideline]}", (200, 200, 200)))
+    if gastric and call.specimen == Specimen.BIOPSY:
         clusters = result.clusters
         lines.append(
             (
