@@ -49,6 +49,8 @@ def read_roi(path: Path) -> list[tuple[float, float]]:
         raise InputError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"{path}: not a JSON ROI file ({error})") from None
+    except RecursionError:  # nested deeper than Python's stack: no ROI is
+        raise InputError(f"{path}: not a JSON ROI file (nested too deeply)") from None
     polygon = document.get("polygon") if isinstance(document, dict) else None
     if not isinstance(polygon, list) or len(polygon) < 3:
         raise InputError(f'{path}: expected {{"polygon": [[row, col], ...]}} with at least 3 vertices')

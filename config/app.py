@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from config.daemon import DaemonConfig
+from config.limits import LimitsConfig
 from config.scoring import CaseRule, ScoringParams
 
 
@@ -74,6 +75,7 @@ class AppConfig(BaseModel):
     scoring: ScoringParams = ScoringParams()
     case_rule: CaseRule = CaseRule()
     daemon: DaemonConfig = DaemonConfig()
+    limits: LimitsConfig = LimitsConfig()
 
 
 def default_config_text() -> str:

@@ -8,14 +8,26 @@ described by the header's ``payloads``. Nothing is pickled. See docs/protocol.md
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 PROTOCOL_VERSION = 1
+
+
+def _exactly_int(value: object) -> object:
+    # JSON true and 1.0 compare equal to 1 in Python: a version is the integer itself, nothing that equals it
+    if type(value) is not int:
+        raise ValueError(f"the protocol version must be the integer {PROTOCOL_VERSION}")
+    return value
+
+
+#: The ``v`` of every header, request and reply.
+Version = Annotated[Literal[1], BeforeValidator(_exactly_int)]
 
 
 class ProtocolError(ValueError):
@@ -49,7 +61,7 @@ class Payload(_Model):
 class Header(_Model):
     """The JSON header of every published message."""
 
-    v: Literal[1] = 1
+    v: Version = 1
     topic: Topic
     seq: int = Field(ge=0, description="Per-publisher sequence number, +1 per message (previews included)")
     topic_seq: int = Field(
@@ -250,7 +262,7 @@ class Command(StrEnum):
 class Request(_Model):
     """A control request: one JSON frame (after the ROUTER/DEALER envelope)."""
 
-    v: Literal[1] = 1
+    v: Version = 1
     id: str = Field("", max_length=200, description="Echoed in the reply")
     command: Command
     args: dict[str, Any] = Field(default_factory=dict)
@@ -259,7 +271,7 @@ class Request(_Model):
 class Reply(_Model):
     """A control reply: one JSON frame, then any payload frames it declares."""
 
-    v: Literal[1] = 1
+    v: Version = 1
     id: str = ""
     ok: bool
     error: str | None = None
@@ -267,22 +279,38 @@ class Reply(_Model):
     payload_count: int = Field(0, ge=0, description="Frames that follow this one (replay: message frames)")
 
 
-def request_id(frame: bytes) -> str:
-    """The ``id`` of a request frame when one can be read (even from an invalid request), else ""."""
+#: Where :func:`request_id` looks for the id of a request too large to parse.
+_ID_PREFIX_BYTES = 4096
+_ID_PATTERN = re.compile(rb'"id"\s*:\s*"([^"\\]{0,200})"')
+
+
+def request_id(frame: bytes, max_bytes: int | None = None) -> str:
+    """The ``id`` of a request frame when one can be read (even from an invalid request), else "".
+
+    A frame over ``max_bytes`` is not parsed (that is what its limit is for): its id is looked for in its first
+    4 KiB only.
+    """
+    if max_bytes is not None and len(frame) > max_bytes:
+        match = _ID_PATTERN.search(bytes(frame[:_ID_PREFIX_BYTES]))
+        return match.group(1).decode("utf-8", "replace") if match else ""
     try:
         document = json.loads(frame)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
         return ""
     identifier = document.get("id") if isinstance(document, dict) else None
     return identifier[:200] if isinstance(identifier, str) else ""
 
 
-def parse_request(frame: bytes) -> Request:
-    """Validate one request frame; ProtocolError says what is wrong (for the error reply)."""
+def parse_request(frame: bytes, max_bytes: int | None = None) -> Request:
+    """Validate one request frame (at most ``max_bytes`` long); ProtocolError says what is wrong."""
+    if max_bytes is not None and len(frame) > max_bytes:
+        raise ProtocolError(f"request too large: {len(frame)} bytes; the limit is {max_bytes} bytes")
     try:
         document = json.loads(frame)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ProtocolError(f"request is not JSON: {error}") from None
+    except RecursionError:
+        raise ProtocolError("request is nested too deeply to be read") from None
     if not isinstance(document, dict):
         raise ProtocolError("request must be a JSON object with 'command' and 'args'")
     try:

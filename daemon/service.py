@@ -532,8 +532,9 @@ class Daemon:
         request_id = ""
         extra: list[bytes] = []
         try:
-            request_id = protocol_request_id(frames[-1])
-            request = parse_request(frames[-1])
+            max_bytes = self.config.limits.max_request_bytes
+            request_id = protocol_request_id(frames[-1], max_bytes)
+            request = parse_request(frames[-1], max_bytes)
             _check_args(request)
             data, extra = self._dispatch(request)
             reply = Reply(id=request_id, ok=True, data=data, payload_count=len(extra))
@@ -585,7 +586,7 @@ class Daemon:
                 return {"case_id": closed.case_id, "summary": self.store.summary(closed)}, []
             case Command.SET_ROI:
                 fov_id = _required_str(args, "fov_id")
-                polygon = _polygon(args.get("polygon"), allow_none=True)
+                polygon = self._polygon(args.get("polygon"), allow_none=True)
                 record = self.store.set_roi(fov_id, polygon)
                 self._submit(record, trigger="rescore")
                 return {"fov_id": fov_id}, []
@@ -649,6 +650,9 @@ class Daemon:
                 }, [png]
         raise RequestError(f"command {request.command.value!r} is not handled")  # pragma: no cover
 
+    def _polygon(self, value: object, allow_none: bool = False) -> tuple[tuple[float, float], ...] | None:
+        return _polygon(value, allow_none, self.config.limits.max_polygon_vertices)
+
     def _set_objective(self, objective: str) -> dict[str, Any]:
         objectives = self.config.optics.objectives
         if objective not in objectives:
@@ -694,7 +698,7 @@ class Daemon:
         from scoring import weak_threshold_from_region
 
         fov_id = _required_str(args, "fov_id")
-        polygon = _polygon(args.get("polygon"))
+        polygon = self._polygon(args.get("polygon"))
         if polygon is None:  # pragma: no cover - _polygon raises for None unless allowed
             raise RequestError("set-weak needs a polygon")
         record = self.store.record(fov_id)
@@ -721,7 +725,7 @@ class Daemon:
         record = self.store.record(fov_id)
         if record.kind != "control":
             raise RequestError(f"{fov_id} is not a positive control; the intense threshold comes from a control")
-        polygon = _polygon(args.get("polygon"), allow_none=True)  # None: calibrate from the whole control again
+        polygon = self._polygon(args.get("polygon"), allow_none=True)  # None: calibrate from the whole control again
         record = self.store.set_calibration_region(fov_id, polygon)
         self._submit(record, trigger="rescore")
         return {"fov_id": fov_id, "queued": 1}
@@ -825,11 +829,13 @@ def _optional_str(args: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def _polygon(value: object, allow_none: bool = False) -> tuple[tuple[float, float], ...] | None:
+def _polygon(value: object, allow_none: bool, max_vertices: int) -> tuple[tuple[float, float], ...] | None:
     if value is None and allow_none:
         return None
     if not isinstance(value, list) or len(value) < 3:
         raise RequestError("'polygon' must be a list of at least 3 [row, col] vertices in FOV pixels")
+    if len(value) > max_vertices:  # it is stored in the case and drawn on every re-score
+        raise RequestError(f"'polygon' has {len(value)} vertices; the limit is {max_vertices}")
     vertices = []
     for vertex in value:
         if (

@@ -72,7 +72,9 @@ def wait_for(predicate: Callable[[], object], timeout_s: float = DEADLINE_S, wha
 class Daemon:
     """A daemon subprocess with its clients."""
 
-    def __init__(self, state: Path, config_path: Path, log_path: Path) -> None:
+    def __init__(
+        self, state: Path, config_path: Path, log_path: Path, preexec_fn: Callable[[], None] = die_with_parent
+    ) -> None:
         self.state = state
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -82,7 +84,7 @@ class Daemon:
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=die_with_parent,
+            preexec_fn=preexec_fn,
         )
         endpoints_file = state / "endpoints.json"
         try:
@@ -164,13 +166,15 @@ def next_message(subscriber: Subscriber, predicate: Callable[[Message], bool], w
 
 
 @contextlib.contextmanager
-def running_daemon(root: Path) -> Iterator[Daemon]:
-    """A daemon on ``CONFIG`` with its state, configuration and log in ``root``; stopped afterwards (or, when it
-    has died, its log closed)."""
+def running_daemon(
+    root: Path, extra_config: str = "", preexec_fn: Callable[[], None] = die_with_parent
+) -> Iterator[Daemon]:
+    """A daemon on ``CONFIG`` (plus ``extra_config``) with its state, configuration and log in ``root``; stopped
+    afterwards (or, when it has died, its log closed)."""
     state = root / "state"
     config = root / "config.toml"
-    config.write_text(CONFIG.format(state=state))
-    running = Daemon(state, config, root / "daemon.log")
+    config.write_text(CONFIG.format(state=state) + extra_config)
+    running = Daemon(state, config, root / "daemon.log", preexec_fn)
     try:
         yield running
     finally:
