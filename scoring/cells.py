@@ -55,6 +55,9 @@ def ray_directions(n_rays: int = N_RAYS) -> F64:
 
 
 _DIRECTIONS = ray_directions()
+#: The nearest nuclei first read for a cell's territory: a Voronoi cell has about six neighbours and hardly ever
+#: more than a dozen, so the sixteen nearest nearly always include those that bound it (more are read when not).
+_TERRITORY_NEIGHBOURS = 16
 
 
 def ring_points(centres: F64, radii: F64) -> F64:
@@ -205,33 +208,72 @@ def _wide_blur(image: F32, sigma_px: float) -> F32:
     return np.asarray(cv2.resize(blurred, (cols, rows), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
 
 
-def nucleus_distance(shape: tuple[int, int], centres: F64) -> F32:
-    """(M, N) float32: the distance (px) from every pixel to the nearest nucleus centre.
+def territory_limits(centres: F64, nuclei: F64, reach_px: float, margin_px: float) -> F64:
+    """(K, N_RAYS) how far each ray of each of the ``centres`` stays in its cell's territory, in pixels.
 
-    A point is in a nucleus's territory (its Voronoi cell) when it is no farther from that nucleus than from the
-    nearest one; along a ray, that is when the ray's length is at most this distance at its tip.
+    A cell's territory is where its nucleus is at most ``margin_px`` farther than any other of the ``nuclei`` (its
+    Voronoi cell widened by the margin; ``nuclei`` may include ``centres`` themselves). Along a ray p = c + t·u from
+    the centre c, the excess |p − c| − |p − n| over a neighbour n = c + d grows with t, and reaches the margin m at
+    t = (|d|² − m²) / (2 (d·u − m)) when d·u > m (never otherwise): the ray leaves the territory at the smallest
+    such t over the neighbours. No ray of a neighbour at distance D ends before (D + m) / 2, so only the nearest
+    neighbours are read, more only for the cells whose rays reach farther than that (up to ``reach_px``): the
+    limits are exact. Centres are taken at their pixel, as the rays are cast from it.
     """
-    seeds = np.full(shape, 255, dtype=np.uint8)
-    if len(centres):
-        rows = np.clip(np.rint(centres[:, 0]).astype(np.intp), 0, shape[0] - 1)
-        cols = np.clip(np.rint(centres[:, 1]).astype(np.intp), 0, shape[1] - 1)
-        seeds[rows, cols] = 0
-    # the 5x5 chamfer distance is within 2% of the Euclidean one and four times faster than the exact transform
-    return np.asarray(cv2.distanceTransform(seeds, cv2.DIST_L2, cv2.DIST_MASK_5), dtype=np.float32)
+    seeds = np.rint(centres)
+    others = np.rint(nuclei)
+    limits = np.full((len(seeds), N_RAYS), np.inf)
+    if len(seeds) == 0 or len(others) == 0:
+        return limits
+    from scipy.spatial import cKDTree  # scipy comes with scikit-image
+
+    tree = cKDTree(others)
+    bound = 2.0 * reach_px + margin_px + 1.0  # a neighbour farther away ends no ray within reach
+    todo = np.arange(len(seeds))
+    k = _TERRITORY_NEIGHBOURS
+    while len(todo):
+        k = min(k, len(others))
+        distance, index = tree.query(seeds[todo], k=k, distance_upper_bound=bound)
+        distance, index = distance.reshape(len(todo), k), index.reshape(len(todo), k)
+        limits[todo] = _nearest_ends(seeds[todo], others, distance, index, margin_px)
+        # exact unless a ray may reach a neighbour beyond the k-th (all neighbours within the bound were read when
+        # the k-th is missing)
+        farthest = distance[:, -1]
+        unsure = np.isfinite(farthest) & (np.minimum(limits[todo].max(axis=1), reach_px) > (farthest + margin_px) / 2)
+        todo = todo[unsure] if k < len(others) else todo[:0]
+        k *= 2
+    return limits
 
 
-def nucleus_areas(haematoxylin_od: F32, centres: F64, nearest: F32, pixel_size_um: float, max_radius_um: float) -> F64:
-    """The area (µm²) of each nucleus, from its outline along the rays.
+def _nearest_ends(seeds: F64, others: F64, distance: F64, index: npt.NDArray[np.intp], margin_px: float) -> F64:
+    """The territory limits of :func:`territory_limits` over the neighbours ``index`` (at ``distance``) of each of
+    the ``seeds``: 1 / t = 2 (d·u − m) / (|d|² − m²), and the nearest end is the largest 1 / t."""
+    valid = np.isfinite(distance) & (distance > 0.0)  # not the centre itself, nor a missing neighbour
+    offset = others[np.where(valid, index, 0)] - seeds[:, None, :]  # (K, k, 2)
+    excess = (offset * offset).sum(axis=2) - margin_px * margin_px
+    # a neighbour closer than the margin never ends a ray: its weight is 0
+    weight = np.where(valid & (excess > 0.0), 2.0 / np.where(excess > 0.0, excess, 1.0), 0.0)
+    terms = np.stack([offset[:, :, 0] * weight, offset[:, :, 1] * weight, -margin_px * weight]).astype(np.float32)
+    axes = np.vstack([_DIRECTIONS.T, np.ones((1, N_RAYS))]).astype(np.float32)  # (3, N_RAYS): u_row, u_col, 1
+    inverse = terms[:, :, 0].T @ axes  # neighbour by neighbour: (K, 3) @ (3, N_RAYS) is fast, (K·k, 3) is not
+    for j in range(1, terms.shape[2]):
+        np.maximum(inverse, terms[:, :, j].T @ axes, out=inverse)
+    with np.errstate(divide="ignore"):
+        return np.where(inverse > 0.0, 1.0 / inverse.astype(np.float64), np.inf)
+
+
+def nucleus_areas(haematoxylin_od: F32, centres: F64, nuclei: F64, pixel_size_um: float, max_radius_um: float) -> F64:
+    """The area (µm²) of each of the nuclei at ``centres``, from its outline along the rays.
 
     Along each ray the nucleus ends where the haematoxylin (smoothed over its chromatin texture, σ = 1 µm) has
     fallen to ``_OUTLINE_CONTRAST`` of the way from the nucleus's centre to the ray's lowest value, or at the
-    neighbour's Voronoi boundary (touching nuclei).
+    Voronoi boundary to its neighbour among all the ``nuclei`` (touching nuclei).
     """
     if len(centres) == 0:
         return np.zeros(0)
     smooth = np.asarray(cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, 1.0 / pixel_size_um)), dtype=np.float32)
+    reach_px = max_radius_um / pixel_size_um
     values, inside, _, length = _ray_samples(
-        smooth, nearest, centres, 0.0, max_radius_um / pixel_size_um, margin_px=0.0
+        smooth, centres, territory_limits(centres, nuclei, reach_px, 0.0), 0.0, reach_px
     )
     centre_value = values[:, :, :2].mean(axis=(1, 2))[:, None, None]
     floor = np.where(inside, values, np.inf).min(axis=2, keepdims=True)
@@ -305,7 +347,7 @@ def measure_rings(
     membrane_dab: F32,
     dab_od: F32,
     tissue: BoolArray,
-    nearest: F32,
+    nuclei: F64,
     centres: F64,
     pixel_size_um: float,
     *,
@@ -322,7 +364,7 @@ def measure_rings(
     membrane_dab : (M, N) float32 — DAB above the local cytoplasmic background (white top-hat)
     dab_od : (M, N) float32 — DAB OD itself, whose value at the membrane point is the ray's intensity
     tissue : (M, N) bool — not glass; a ray that leaves the tissue has left its cell
-    nearest : (M, N) float32 — :func:`nucleus_distance` of every nucleus, tumour or not (each owns its territory)
+    nuclei : (L, 2) float64 — every nucleus, tumour or not (each owns its territory)
     centres : (K, 2) float64 — the nuclei of the cells to measure
     min_radius_um, max_radius_um : rays start outside the nucleus's centre and end at the largest cell radius
     boundary_margin_um : how far beyond the Voronoi boundary a ray may look for the membrane
@@ -331,13 +373,13 @@ def measure_rings(
         empty = np.zeros(0)
         none = np.zeros(0, dtype=object)
         return Rings(np.zeros((0, N_RAYS)), np.zeros((0, N_RAYS), np.int8), empty, empty, empty, none)
+    reach_px = max_radius_um / pixel_size_um
     signal, inside, flat, length = _ray_samples(
         membrane_dab,
-        nearest,
         centres,
+        territory_limits(centres, nuclei, reach_px, boundary_margin_um / pixel_size_um),
         max(1.0, round(min_radius_um / pixel_size_um)),
-        max_radius_um / pixel_size_um,
-        margin_px=boundary_margin_um / pixel_size_um,
+        reach_px,
         tissue=tissue,
     )
     signal = np.where(inside, signal, np.float32(-1.0))
@@ -440,20 +482,18 @@ def _ray_offsets(start: float, stop: float) -> tuple[npt.NDArray[np.int32], npt.
 
 def _ray_samples(
     image: F32,
-    nearest: F32,
     centres: F64,
+    limits: F64,
     start_px: float,
     stop_px: float,
     *,
-    margin_px: float,
     tissue: BoolArray | None = None,
-) -> tuple[F32, npt.NDArray[np.bool_], npt.NDArray[np.int32], F32]:
+) -> tuple[F32, npt.NDArray[np.bool_], npt.NDArray[np.intp], F32]:
     """``image`` sampled along every ray of every centre, and whether each sample still lies in the cell.
 
     Rays start at the centre's pixel and step one pixel at a time from ``start_px`` to ``stop_px``. A sample is in
-    the cell while it lies at most ``margin_px`` farther from this nucleus than from the nearest one (``nearest``
-    measures from the same centre pixels), inside the image and (with ``tissue``) in tissue; the first sample
-    outside ends the ray.
+    the cell while it lies within its ray's territory limit (``limits``, (K, N_RAYS), :func:`territory_limits`),
+    inside the image and (with ``tissue``) in tissue; the first sample outside ends the ray.
 
     Returns
     -------
@@ -462,15 +502,19 @@ def _ray_samples(
     """
     height, width = image.shape
     d_row, d_col, length = _ray_offsets(float(start_px), float(stop_px))
-    seed = np.rint(centres).astype(np.int32)
-    rows = seed[:, 0, None, None] + d_row[None]
-    cols = seed[:, 1, None, None] + d_col[None]
-    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
-    np.clip(rows, 0, height - 1, out=rows)
-    np.clip(cols, 0, width - 1, out=cols)
-    flat = rows * np.int32(width) + cols
-    # ``nearest`` is a chamfer distance, within 2% (and half a pixel) of the exact one
-    inside &= length[None] <= nearest.ravel()[flat] * np.float32(1.02) + np.float32(margin_px + 0.5)
+    seed = np.rint(centres).astype(np.intp)
+    flat = (seed[:, 0] * width + seed[:, 1])[:, None, None] + (d_row * width + d_col)[None]
+    inside = length[None] <= limits[:, :, None]
+    # only the rays of centres within reach of the frame can leave the image
+    reach = int(math.ceil(stop_px)) + 1  # offsets are rounded steps up to stop_px + 0.5
+    near_edge = np.flatnonzero(
+        (seed[:, 0] < reach) | (seed[:, 0] >= height - reach) | (seed[:, 1] < reach) | (seed[:, 1] >= width - reach)
+    )
+    if len(near_edge):
+        rows = seed[near_edge, 0, None, None] + d_row[None]
+        cols = seed[near_edge, 1, None, None] + d_col[None]
+        inside[near_edge] &= (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+        flat[near_edge] = np.clip(rows, 0, height - 1) * width + np.clip(cols, 0, width - 1)
     if tissue is not None:
         inside &= tissue.ravel()[flat]
     inside = np.logical_and.accumulate(inside, axis=2)

@@ -372,7 +372,7 @@ def _per_cell(
         membrane_dab,
         analysis.densities.dab,
         tissue,
-        nuclei.nearest,
+        centres,
         centres[index],
         px,
         min_radius_um=params.nucleus_diameter_um / 4.0,
@@ -455,14 +455,12 @@ class _Nuclei:
     ----------
     centres : (K, 2) every nucleus's centre (row, col)
     area_um2 : (K,) outline areas (0 for spindles, whose outline is not traced)
-    nearest : (M, N) the distance to the nearest nucleus, which bounds every cell's territory
     counted : (K,) tumour nuclei inside the frame and the ROI: the cells to measure
     excluded_rc : nuclei inside the frame that are not tumour, shown as such
     """
 
     centres: npt.NDArray[np.float64]
     area_um2: npt.NDArray[np.float64]
-    nearest: npt.NDArray[np.float32]
     counted: BoolArray
     excluded_rc: npt.NDArray[np.float64]
 
@@ -475,13 +473,12 @@ def _tumour_nuclei(analysis: AnalysisImage, params: ScoringParams, roi: BoolArra
     centres, smooth_h = cells_module.find_nuclei(
         densities.haematoxylin, px, params.nucleus_diameter_um, params.nucleus_min_contrast_od
     )
-    nearest = cells_module.nucleus_distance(shape, centres)
     anisotropy = cells_module.nucleus_anisotropy(smooth_h, centres)
     # outlines are traced only for the nuclei that are not spindles (the others are no tumour whatever their area)
     area = np.zeros(len(centres))
     candidates = anisotropy <= params.max_tumour_nucleus_anisotropy
     area[candidates] = cells_module.nucleus_areas(
-        densities.haematoxylin, centres[candidates], nearest, px, params.nucleus_diameter_um
+        densities.haematoxylin, centres[candidates], centres, px, params.nucleus_diameter_um
     )
     tumour = cells_module.tumour_nuclei(
         centres,
@@ -497,7 +494,7 @@ def _tumour_nuclei(analysis: AnalysisImage, params: ScoringParams, roi: BoolArra
     counted = tumour & inside_frame
     if roi is not None:
         counted &= morphology.sample(roi, centres).astype(bool)
-    return _Nuclei(centres, area, nearest, counted, centres[~tumour & inside_frame])
+    return _Nuclei(centres, area, counted, centres[~tumour & inside_frame])
 
 
 def _inside_frame(

@@ -345,14 +345,14 @@ def drawn_cell(arc_degrees: tuple[float, float] | None, od: float, gap_degrees: 
 
 def measure(image: np.ndarray, intense: float = 0.5, neighbours: tuple[tuple[float, float], ...] = ()) -> Rings:
     """The rays of the cell at (60, 60) of ``image`` (0.5 µm/px), whose territory ``neighbours``' nuclei bound."""
-    from scoring.cells import measure_rings, nucleus_distance
+    from scoring.cells import measure_rings
 
     centres = np.array([[60.0, 60.0], *neighbours])
     return measure_rings(
         image,
         image,
         np.ones(image.shape, dtype=bool),
-        nucleus_distance(image.shape, centres),
+        centres,
         centres[:1],
         0.5,
         min_radius_um=2.0,
@@ -402,3 +402,31 @@ def test_rays_stop_at_the_neighbours_territory() -> None:
     rings = measure(image, neighbours=((60.0, 116.0),))
     assert rings.pattern[0] == MembranePattern.NONE
     assert rings.radii_px[0].max() <= 28.0 / 0.5 / 2 + 1.5 / 0.5 + 1.0  # the midline, plus the margin
+
+
+@pytest.mark.parametrize("margin_px", [0.0, 3.0])
+def test_territory_limits_are_where_a_ray_leaves_its_cell(margin_px: float) -> None:
+    """Each ray ends where its point becomes ``margin`` farther from its own nucleus than from another one: checked
+    against every nucleus of a crowded random field (a cell's nearest twenty neighbours must be enough)."""
+    from scoring.cells import ray_directions, territory_limits
+
+    rng = np.random.default_rng(7)
+    nuclei = np.unique(np.rint(rng.uniform(0, 200, size=(400, 2))), axis=0)  # ~10 px apart: a crowded sheet
+    rng.shuffle(nuclei)
+    centres = nuclei[:50]
+    limits = territory_limits(centres, nuclei, reach_px=24.0, margin_px=margin_px)
+    directions = ray_directions()
+
+    def excess(t: np.ndarray) -> np.ndarray:
+        """(K, N_RAYS) how much farther each ray's point at ``t`` is from its nucleus than from the nearest one."""
+        points = centres[:, None, :] + t[:, :, None] * directions[None]
+        to_all = np.linalg.norm(points[:, :, None, :] - nuclei[None, None], axis=3)
+        to_all[np.arange(len(centres)), :, np.arange(len(centres))] = np.inf  # not its own nucleus
+        return np.linalg.norm(points - centres[:, None, :], axis=2) - to_all.min(axis=2)
+
+    finite = limits <= 24.0  # exact within reach (beyond it, the rays have ended anyway)
+    assert finite.mean() > 0.9  # in a crowded sheet almost every ray meets a neighbour's territory
+    ends = np.where(finite, limits, 0.0)
+    # to a hundredth of a pixel (the rays are sampled a pixel apart)
+    assert np.all(excess(ends - 0.01)[finite] <= margin_px)
+    assert np.all(excess(ends + 0.01)[finite] > margin_px)
