@@ -80,7 +80,8 @@ class Drain(threading.Thread):
     def __init__(self, endpoint: str) -> None:
         super().__init__(daemon=True)
         self.subscriber = Subscriber(endpoint)
-        self.results: dict[str, tuple[float, float | None]] = {}
+        self.results: dict[str, tuple[float, float | None, float | None]] = {}
+        self.overlays: set[str] = set()
         self.previews = 0
         self.stop = threading.Event()
 
@@ -91,7 +92,9 @@ class Drain(threading.Thread):
                 continue
             if message.header.topic == Topic.RESULT:
                 body = message.body
-                self.results[body.fov_id] = (time.perf_counter(), body.latency_ms)  # type: ignore[attr-defined]
+                self.results[body.fov_id] = (time.perf_counter(), body.latency_ms, body.score_ms)  # type: ignore[attr-defined]
+            elif message.header.topic == Topic.OVERLAY:
+                self.overlays.add(message.body.fov_id)  # type: ignore[attr-defined]
             elif message.header.topic == Topic.PREVIEW:
                 self.previews += 1
         self.subscriber.close()
@@ -182,6 +185,7 @@ def main() -> None:
 
             round_trip: list[float] = []
             in_daemon: list[float] = []
+            scoring: list[float] = []
             for _ in range(args.captures):
                 sent = time.perf_counter()
                 fov_id = control.call("capture")["fov_id"]
@@ -189,11 +193,18 @@ def main() -> None:
                     if time.perf_counter() - sent > 30:
                         raise SystemExit(f"no result for {fov_id}")
                     time.sleep(0.001)
-                arrived, latency = drain.results[fov_id]
+                arrived, latency, score_ms = drain.results[fov_id]
                 round_trip.append((arrived - sent) * 1000.0)
                 if latency is not None:
                     in_daemon.append(latency)
-                time.sleep(0.3)  # let the overlay go out before the next capture
+                if score_ms is not None:
+                    scoring.append(score_ms)
+                # the worker draws the overlay after the result: the next capture waits for it, as a pathologist
+                # looks at one FOV before the next
+                while fov_id not in drain.overlays:
+                    if time.perf_counter() - sent > 30:
+                        raise SystemExit(f"no overlay for {fov_id}")
+                    time.sleep(0.001)
 
             rss: list[tuple[float, float]] = []
             control.call("stage", action="resume")
@@ -207,7 +218,8 @@ def main() -> None:
     half = len(rss) // 2
     first = statistics.mean(r for _, r in rss[: max(1, half)])
     last = statistics.mean(r for _, r in rss[half:]) if rss[half:] else first
-    print(json.dumps({"frames": "1920x1080 @ 30 fps, 0.25 um/px", "captures": args.captures}, indent=None))
+    frames = f"1920x1080 @ 30 fps, {args.pixel_size} um/px"
+    print(json.dumps({"frames": frames, "captures": args.captures}, indent=None))
     print(
         f"trigger -> result received (SUB), ms:  p50 {percentile(round_trip, 50):6.1f}   "
         f"p95 {percentile(round_trip, 95):6.1f}   max {max(round_trip):6.1f}"
@@ -215,6 +227,10 @@ def main() -> None:
     print(
         f"trigger -> result published (daemon), ms: p50 {percentile(in_daemon, 50):6.1f}   "
         f"p95 {percentile(in_daemon, 95):6.1f}"
+    )
+    print(
+        f"of which scoring (worker), ms:          p50 {percentile(scoring, 50):6.1f}   "
+        f"p95 {percentile(scoring, 95):6.1f}"
     )
     print(
         f"live, stage still:   daemon CPU {still_cpu:5.1f}% of one core, idle worker {still_worker:4.1f}%, "

@@ -506,7 +506,7 @@ def _ray_samples(
     flat = (seed[:, 0] * width + seed[:, 1])[:, None, None] + (d_row * width + d_col)[None]
     inside = length[None] <= limits[:, :, None]
     # only the rays of centres within reach of the frame can leave the image
-    reach = int(math.ceil(stop_px)) + 1  # offsets are rounded steps up to stop_px + 0.5
+    reach = math.ceil(stop_px) + 1  # offsets are rounded steps up to stop_px + 0.5
     near_edge = np.flatnonzero(
         (seed[:, 0] < reach) | (seed[:, 0] >= height - reach) | (seed[:, 1] < reach) | (seed[:, 1] >= width - reach)
     )
