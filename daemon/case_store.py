@@ -15,6 +15,7 @@ Layout under the state directory::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -114,11 +115,26 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never a torn one."""
+def private_dir(path: Path) -> None:
+    """Create ``path`` (and its missing parents) readable by the service's user only, whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask, and an existing folder keeps its own
+
+
+def _private_opener(path: str, flags: int) -> int:
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)  # the mode given to open is masked by the umask (and a left-over file keeps its own)
+    return fd
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never a torn one.
+
+    The file is the service user's only (0600), whatever the umask: it holds patients' images and results.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with open(tmp, "wb", opener=_private_opener) as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -181,7 +197,7 @@ class ImageWriter:
                 ok, png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
                 if not ok:
                     raise OSError(f"could not encode {path.name} as PNG")
-                _atomic_write(path, png.tobytes())
+                atomic_write(path, png.tobytes())
             except Exception as failure:  # reported to the caller, never fatal to the thread
                 error = f"{type(failure).__name__}: {failure}"
             self._done.put((key, error))
@@ -200,10 +216,12 @@ class CaseStore:
     #: A failed image write is tried again after this long (the disk may have been cleared).
     RETRY_S = 5.0
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_audit_entries: int = 10_000) -> None:
         self.directory = directory
+        self.max_audit_entries = max_audit_entries
         self._case: CaseState | None = None
         self._writer = ImageWriter()
+        self.repaired: list[tuple[str, str]] = []  # FOVs the last resume found without their image or result
         self._unsaved: dict[str, tuple[Path, npt.NDArray[np.uint8]]] = {}  # fov_id → (path, image)
         self._failed_at: dict[str, float] = {}
 
@@ -224,22 +242,49 @@ class CaseStore:
 
         A case saved before its rule had a field (``guideline``, ``specimen``, the cluster settings) takes that
         field from ``default_rule`` (the configuration's), not from the model's default.
+
+        A FOV whose image or result did not reach the disk (the daemon was killed between writing ``case.json``
+        and its image, or the disk was full) becomes ``failed``, saying why, and is listed in :attr:`repaired`:
+        one FOV never keeps the case (or the daemon) from starting. A case that cannot be read at all raises
+        CaseError; :meth:`set_aside` then stops it from being resumed again.
         """
+        self.repaired = []
         pointer = self.directory / "current"
         if not pointer.is_file():
             return None
-        case_id = pointer.read_text(encoding="utf-8").strip()
+        try:
+            case_id = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, ValueError) as error:
+            raise CaseError(f"cannot read the open case's name from {pointer}: {error}") from None
+        if not _CASE_ID.fullmatch(case_id):  # it names a folder: nothing outside cases/
+            raise CaseError(f"{pointer} names {case_id[:80]!r}, which is not a case id")
         path = self.directory / "cases" / case_id / "case.json"
         try:
             document = json.loads(path.read_bytes())
             if default_rule is not None and isinstance(document, dict) and isinstance(document.get("rule"), dict):
                 document["rule"] = {**default_rule.model_dump(mode="json"), **document["rule"]}
-            case = _with_results(CaseState.model_validate(document), path.parent)
-        except (OSError, ValueError) as error:
+            case = CaseState.model_validate(document)
+        except (OSError, ValueError, RecursionError) as error:
             raise CaseError(f"cannot resume case {case_id!r} from {path}: {error}") from None
-        if case.closed_at is None:
-            self._case = case
+        case, self.repaired = _with_results(case, path.parent)
+        if case.closed_at is not None:
+            return None
+        self._case = case
+        if self.repaired:
+            with contextlib.suppress(OSError):  # a full disk: repaired in memory, written at the next change
+                self._commit(case)
         return self._case
+
+    def set_aside(self) -> Path | None:
+        """Stop the case named by ``current`` from being resumed (its folder stays as it is, for a person to look
+        at): ``current`` is renamed ``current.set-aside``. Returns the new name, None if there was no pointer."""
+        pointer = self.directory / "current"
+        aside = pointer.with_name("current.set-aside")
+        try:
+            os.replace(pointer, aside)
+        except FileNotFoundError:
+            return None
+        return aside
 
     def start(
         self, params: ScoringParams, rule: CaseRule, case_id: str | None = None, operator: str | None = None
@@ -254,11 +299,10 @@ class CaseStore:
         if self._case is not None:
             self.close()
         case = CaseState(case_id=case_id, operator=operator, started_at=_now(), params=params, rule=rule)
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for folder in (self.directory / "cases", self.directory / "cases" / case_id):
-            folder.mkdir(exist_ok=True, mode=0o700)  # patients' images: readable by the service's user only
+        for folder in (self.directory, self.directory / "cases", self.directory / "cases" / case_id):
+            private_dir(folder)  # patients' images: readable by the service's user only
         self._commit(case)
-        _atomic_write(self.directory / "current", case_id.encode())
+        atomic_write(self.directory / "current", case_id.encode())
         return case
 
     def close(self) -> CaseState:
@@ -374,7 +418,7 @@ class CaseStore:
             update={"status": "scored" if error is None else "failed", "result": result, "error": error}
         )
         if result is not None:  # on disk before case.json says the FOV is scored
-            _atomic_write(self.case_dir / _result_file(fov_id), result.model_dump_json().encode())
+            atomic_write(self.case_dir / _result_file(fov_id), result.model_dump_json().encode())
         update: dict[str, Any] = {}
         if calibration is not None and record.kind == "control":
             update = {"control": calibration, "control_fov_id": fov_id}
@@ -384,13 +428,13 @@ class CaseStore:
     def set_excluded(self, fov_id: str, excluded: bool) -> FovRecord:
         """Exclude a FOV from (or include it again in) the case score."""
         record = self.record(fov_id).model_copy(update={"excluded": excluded})
-        self._commit(_adjusted(self._replaced(record), "exclude" if excluded else "include", {"fov_id": fov_id}))
+        self._commit(self._adjusted(self._replaced(record), "exclude" if excluded else "include", {"fov_id": fov_id}))
         return record
 
     def set_roi(self, fov_id: str, roi: tuple[RowCol, ...] | None) -> FovRecord:
         """Set (or clear, with None) the ROI polygon of a FOV; it must then be re-scored."""
         record = self.record(fov_id).model_copy(update={"roi": roi, "status": "pending"})
-        self._commit(_adjusted(self._replaced(record), "set-roi", {"fov_id": fov_id, "polygon": roi}))
+        self._commit(self._adjusted(self._replaced(record), "set-roi", {"fov_id": fov_id, "polygon": roi}))
         return record
 
     def set_calibration_region(self, fov_id: str, region: tuple[RowCol, ...] | None) -> FovRecord:
@@ -399,20 +443,20 @@ class CaseStore:
         if record.kind != "control":
             raise CaseError(f"{fov_id} is not a positive control; the intense threshold comes from a control")
         record = record.model_copy(update={"calibration_region": region, "status": "pending"})
-        self._commit(_adjusted(self._replaced(record), "set-intense", {"fov_id": fov_id, "polygon": region}))
+        self._commit(self._adjusted(self._replaced(record), "set-intense", {"fov_id": fov_id, "polygon": region}))
         return record
 
     def set_params(self, params: ScoringParams, action: str, args: dict[str, Any]) -> None:
         """Change the case's scoring parameters (e.g. the weak threshold from a region)."""
-        self._commit(_adjusted(self._require().model_copy(update={"params": params}), action, args))
+        self._commit(self._adjusted(self._require().model_copy(update={"params": params}), action, args))
 
     def set_control(self, calibration: ControlCalibration, action: str, args: dict[str, Any]) -> None:
         """Replace the case's control calibration (e.g. from a region of the control)."""
-        self._commit(_adjusted(self._require().model_copy(update={"control": calibration}), action, args))
+        self._commit(self._adjusted(self._require().model_copy(update={"control": calibration}), action, args))
 
     def adjust(self, action: str, args: dict[str, Any]) -> None:
         """Append an adjustment to the audit trail and persist."""
-        self._commit(_adjusted(self._require(), action, args))
+        self._commit(self._adjusted(self._require(), action, args))
 
     def summary(self, case: CaseState | None = None) -> dict[str, Any]:
         """The summary of ``case`` (default: the open case) published with every result and in ``snapshot``."""
@@ -465,6 +509,17 @@ class CaseStore:
             },
         }
 
+    def _adjusted(self, case: CaseState, action: str, args: dict[str, Any]) -> CaseState:
+        """``case`` with an adjustment appended to its audit trail; CaseError when the trail is full (an audit
+        trail that dropped entries would not be one, and case.json is rewritten at every change)."""
+        if len(case.adjustments) >= self.max_audit_entries:
+            raise CaseError(
+                f"the audit trail of case {case.case_id!r} is full ({self.max_audit_entries} adjustments); "
+                "close the case and start a new one to go on adjusting"
+            )
+        adjustment = Adjustment(time=_now(), action=action, args=json.loads(json.dumps(args)))
+        return case.model_copy(update={"adjustments": (*case.adjustments, adjustment)})
+
     def _require(self) -> CaseState:
         if self._case is None:
             raise CaseError("no case is open: start one with start-case (a capture starts one too)")
@@ -478,7 +533,7 @@ class CaseStore:
     def _commit(self, case: CaseState) -> None:
         """Persist ``case``, then make it the open case: after a failed write, memory still matches the disk."""
         path = self.directory / "cases" / case.case_id / "case.json"
-        _atomic_write(path, case.model_dump_json(indent=1, exclude={"fovs": {"__all__": {"result"}}}).encode())
+        atomic_write(path, case.model_dump_json(indent=1, exclude={"fovs": {"__all__": {"result"}}}).encode())
         self._case = case
 
 
@@ -486,19 +541,43 @@ def _result_file(fov_id: str) -> str:
     return f"{fov_id}.result.json"
 
 
-def _with_results(case: CaseState, folder: Path) -> CaseState:
+#: The last chunk of every complete PNG file (IEND with its CRC).
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def _png_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole PNG file (cheap: its first and last bytes, not a decode)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - len(_PNG_END)))
+            return head == b"\x89PNG\r\n\x1a\n" and handle.read() == _PNG_END
+    except OSError:
+        return False
+
+
+def _with_results(case: CaseState, folder: Path) -> tuple[CaseState, list[tuple[str, str]]]:
     """``case`` as read from ``case.json``, with each scored FOV's result read from its own file (a case saved
-    before results had files of their own carries them inline and is returned as it is)."""
+    before results had files of their own carries them inline), and each FOV whose image or result is missing or
+    torn marked failed; returns the case and the (fov_id, problem) of those."""
     fovs = []
+    repaired = []
     for record in case.fovs:
-        if record.status == "scored" and record.result is None:
-            result = FovResult.model_validate_json((folder / _result_file(record.fov_id)).read_bytes())
-            record = record.model_copy(update={"result": result})
+        problem = None
+        if record.status == "failed" and record.result is None:
+            pass  # already failed, saying why; a rescore says so again if its image is gone
+        elif not _png_complete(folder / record.image_file):
+            problem = f"its image {record.image_file} was not saved before the daemon stopped: capture the field again"
+        elif record.status == "scored" and record.result is None:
+            try:
+                result = FovResult.model_validate_json((folder / _result_file(record.fov_id)).read_bytes())
+                record = record.model_copy(update={"result": result})
+            except (OSError, ValueError) as error:
+                problem = f"its result cannot be read ({type(error).__name__}): rescore it"
+        if problem is not None:
+            record = record.model_copy(update={"status": "failed", "result": None, "error": problem})
+            repaired.append((record.fov_id, problem))
         fovs.append(record)
-    return case.model_copy(update={"fovs": tuple(fovs)})
+    return case.model_copy(update={"fovs": tuple(fovs)}), repaired
 
 
-def _adjusted(case: CaseState, action: str, args: dict[str, Any]) -> CaseState:
-    """``case`` with an adjustment appended to its audit trail."""
-    adjustment = Adjustment(time=_now(), action=action, args=json.loads(json.dumps(args)))
-    return case.model_copy(update={"adjustments": (*case.adjustments, adjustment)})

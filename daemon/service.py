@@ -32,7 +32,7 @@ import zmq
 from config.app import AppConfig
 from config.scoring import CaseRule, Guideline, Specimen
 from daemon import systemd
-from daemon.case_store import CaseError, CaseState, CaseStore, FovRecord
+from daemon.case_store import CaseError, CaseState, CaseStore, FovRecord, atomic_write, private_dir
 from daemon.frames import Frame, FrameSource
 from daemon.grabber import CameraState, CameraStatus, FrameGrabber
 from daemon.protocol import (
@@ -106,8 +106,8 @@ class Daemon:
         self.auto_capture = daemon_config.capture.auto
         self.worker = ScoringWorker(daemon_config.worker.timeout_ms)
         state_dir = daemon_config.state.directory.expanduser()
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = CaseStore(state_dir)
+        private_dir(state_dir)
+        self.store = CaseStore(state_dir, max_audit_entries=config.limits.max_audit_entries)
         self._triggers: queue.SimpleQueue[_Trigger] = queue.SimpleQueue()
         self._trigger_ms: dict[str, float] = {}  # fov_id → when its capture was asked for
         self._next_job = 1
@@ -157,15 +157,21 @@ class Daemon:
             "control": self._control.getsockopt_string(zmq.LAST_ENDPOINT),
         }
         self._write_endpoints()
-        resumed = None
-        try:
-            resumed = self.store.resume(default_rule=self.config.case_rule)
-        except CaseError as error:
-            log.error("case_resume_failed", error=str(error))
+        resumed = self._resume()
         self.worker.start()
         self.grabber.start()
         if self.config.daemon.pedal.enabled:
             self._start_pedal()
+        if resumed is not None:
+            self._publish_case("resumed", resumed)
+            # FOVs captured but not scored when the daemon stopped are scored now
+            for record in resumed.fovs:
+                if record.status == "pending":
+                    try:
+                        self._submit(record, trigger="rescore")
+                    except (CaseError, OSError) as error:  # one FOV never stops the start
+                        log.error("resume_rescore_failed", fov=record.fov_id, error=str(error))
+        # ready only now: a daemon that announced itself and then died would be restarted in a loop by systemd
         self.state = DaemonState.RUNNING
         systemd.notify("READY=1\nSTATUS=running")
         log.info(
@@ -175,18 +181,28 @@ class Daemon:
             resumed_case=resumed.case_id if resumed else None,
             **self.endpoints,
         )
-        if resumed is not None:
-            self._publish_case("resumed", resumed)
-            # FOVs captured but not scored when the daemon stopped are scored now
-            for record in resumed.fovs:
-                if record.status == "pending":
-                    self._submit(record, trigger="rescore")
+
+    def _resume(self) -> CaseState | None:
+        """The case open when the daemon stopped; one that cannot be read is set aside (never resumed again, its
+        folder left as it is) so that the daemon starts, and starts again, without it."""
+        try:
+            resumed = self.store.resume(default_rule=self.config.case_rule)
+        except CaseError as error:
+            aside = self.store.set_aside()
+            log.error(
+                "case_resume_failed",
+                error=str(error),
+                set_aside=str(aside) if aside else None,
+                hint="the case was not resumed and its files are left as they are; start a new case",
+            )
+            return None
+        for fov_id, problem in self.store.repaired:
+            log.error("fov_lost_at_restart", fov=fov_id, error=problem)
+        return resumed
 
     def _write_endpoints(self) -> None:
-        path = self.store.directory / "endpoints.json"
-        tmp = path.with_name(".endpoints.json.tmp")
-        tmp.write_text(json.dumps({**self.endpoints, "pid": os.getpid()}), encoding="utf-8")
-        os.replace(tmp, path)
+        document = {**self.endpoints, "pid": os.getpid()}
+        atomic_write(self.store.directory / "endpoints.json", json.dumps(document).encode())
 
     def _start_pedal(self) -> None:
         from daemon.pedal import FootPedal, PedalError, TriggerKind
@@ -602,8 +618,9 @@ class Daemon:
             case Command.RESCORE:
                 one = _optional_str(args, "fov_id")
                 if one is not None:
-                    self._submit(self.store.record(one), trigger="rescore")
-                    self.store.adjust("rescore", {"fov_id": one})
+                    record = self.store.record(one)
+                    self.store.adjust("rescore", {"fov_id": one})  # first: a full audit trail refuses it
+                    self._submit(record, trigger="rescore")
                     return {"queued": 1}, []
                 self.store.adjust("rescore", {})
                 return {"queued": self._rescore("rescore requested")}, []

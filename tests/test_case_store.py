@@ -326,14 +326,14 @@ def test_set_roi_marks_pending_and_logs_an_adjustment(store: CaseStore, tmp_path
 
 def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "case.json"
-    case_store._atomic_write(path, b'{"old": true}')
+    case_store.atomic_write(path, b'{"old": true}')
 
     def refuse(src: Any, dst: Any) -> None:
         raise OSError(errno.EIO, "rename failed (test)")
 
     monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(OSError, match="rename failed"):
-        case_store._atomic_write(path, b'{"new": true}')
+        case_store.atomic_write(path, b'{"new": true}')
     assert path.read_bytes() == b'{"old": true}'
     assert _files(tmp_path) == {"case.json"}  # no temporary file left behind
 
