@@ -288,6 +288,9 @@ class ScoringWorker:
         # not before the process said it is ready: a 6 MB image would fill the pipe and block the caller
         if self._in_flight is not None or not self._queue or self._connection is None or not self._ready:
             return
+        self._check_idle()
+        if not self._ready:  # it had died: the job waits for the new process
+            return
         job = self._queue.popleft()
         self._in_flight = job
         self._result_sent = False
@@ -307,6 +310,8 @@ class ScoringWorker:
         self._rejected = []
         if not self._ready:
             self._await_ready()
+        elif self._in_flight is None:
+            self._check_idle()
         while (job := self._in_flight) is not None and self._connection is not None:
             if self._send_failure is not None:
                 outcomes.append(self._failed(job, self._send_failure))
@@ -350,6 +355,19 @@ class ScoringWorker:
                 self._restart(f"worker exited while starting (exit code {self._process.exitcode})")
         except (EOFError, OSError, ValueError) as error:
             self._restart(f"worker failed while starting: {error}")
+
+    def _check_idle(self) -> None:
+        # a worker that died between jobs is replaced now, not when the next FOV fails on its broken pipe (an idle
+        # worker's pipe is readable only when it closed)
+        if self._connection is None or self._process is None:
+            return
+        try:
+            closed = self._connection.poll(0)
+        except (EOFError, OSError):
+            closed = True
+        if closed or not self._process.is_alive():
+            self._process.join(timeout=1.0)
+            self._restart(f"scoring worker died while idle (exit code {self._process.exitcode})")
 
     def _check_alive(self, job: ScoreJob, outcomes: list[Outcome]) -> None:
         if self._process is not None and not self._process.is_alive():
