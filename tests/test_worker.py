@@ -232,6 +232,7 @@ def test_jobs_come_back_in_submission_order(worker: ScoringWorker) -> None:
 
 def test_a_worker_killed_while_idle_is_restarted_before_the_next_job(worker: ScoringWorker) -> None:
     # (it used to go unnoticed until the next FOV failed on the broken pipe)
+    _run(worker, _job(FOV_BGR, overlay=False))  # a worker that has started and served
     restarts = worker.restarts
     worker.kill_for_test()
     _collect(worker, lambda _: worker.restarts == restarts + 1)
