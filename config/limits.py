@@ -25,7 +25,7 @@ class LimitsConfig(BaseModel):
         10_000, ge=3, le=1_000_000, description="A ROI or region polygon with more vertices is refused"
     )
     max_unread_replies: int = Field(
-        32,
+        16,
         ge=1,
         le=10_000,
         description="Replies a control client may leave unread; further requests from it are answered 'busy' "

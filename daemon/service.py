@@ -18,6 +18,7 @@ import queue
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -80,6 +81,11 @@ class _Trigger:
     time_ms: float  # monotonic
 
 
+#: Replies kept for one client whose queue is full (all but the first are short 'busy' errors, ~150 bytes each):
+#: a client that sends this many requests more without reading one gets no reply to the next ones.
+MAX_BACKLOG = 100_000
+
+
 def _now_ms() -> float:
     return time.monotonic() * 1000.0
 
@@ -125,6 +131,8 @@ class Daemon:
             self._pub, daemon_config.zmq.replay_buffer, replay_bytes=daemon_config.zmq.replay_buffer_mib * 2**20
         )
         self.endpoints: dict[str, str] = {}
+        self._backlogs: dict[bytes, deque[list[bytes]]] = {}  # client identity → replies its full queue held back
+        self.replies_dropped = 0
         self._poller: zmq.Poller | None = None
         self._polled_worker_fd: int | None = None
 
@@ -150,6 +158,10 @@ class Daemon:
         for socket in (self._pub, self._control):
             socket.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 1000)
+        # a client that does not read its replies: ZeroMQ would queue up to the high-water mark of them (images of
+        # megabytes each), then drop the rest silently; mandatory routing makes a full queue an error we answer
+        self._control.setsockopt(zmq.SNDHWM, self.config.limits.max_unread_replies)
+        self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._pub.bind(zmq_config.publish)
         self._control.bind(zmq_config.control)
         self.endpoints = {
@@ -254,6 +266,8 @@ class Daemon:
                 self._poller.register(worker_fd, zmq.POLLIN)
             self._polled_worker_fd = worker_fd
         events = dict(self._poller.poll(timeout=10))
+        if self._backlogs:
+            self._guarded("replies", self._flush_backlogs)
         if self._control in events:
             self._guarded("control", self._serve_control)
         self._guarded("worker", self._collect_outcomes)
@@ -545,6 +559,8 @@ class Daemon:
             return  # nobody to answer
         identity = frames[0]
         envelope = [identity, b""] if len(frames) >= 3 and frames[1] == b"" else [identity]
+        if self._busy(envelope, frames[-1]):
+            return
         request_id = ""
         extra: list[bytes] = []
         try:
@@ -563,7 +579,54 @@ class Daemon:
             log.exception("control_request_failed", error=repr(error))
             reply = Reply(id=request_id, ok=False, error=f"internal error: {type(error).__name__}: {error}")
             extra = []
-        self._control.send_multipart([*envelope, reply.model_dump_json().encode(), *extra])
+        self._send_reply(envelope, [*envelope, reply.model_dump_json().encode(), *extra])
+
+    def _busy(self, envelope: list[bytes], request_frame: bytes) -> bool:
+        """Answer a request of a client whose replies back up with 'busy', without carrying it out."""
+        backlog = self._backlogs.get(envelope[0])
+        if backlog is None:
+            return False
+        reply = Reply(
+            id=protocol_request_id(request_frame, self.config.limits.max_request_bytes),
+            ok=False,
+            error=f"busy: {self.config.limits.max_unread_replies} replies to this client are unread; read them "
+            "before sending more requests",
+        )
+        self._send_reply(envelope, [*envelope, reply.model_dump_json().encode()])
+        return True
+
+    def _send_reply(self, envelope: list[bytes], frames: list[bytes]) -> None:
+        """Send a reply, or keep it (in order) while the client's queue is full: every request gets one reply."""
+        identity = envelope[0]
+        backlog = self._backlogs.get(identity)
+        if backlog is not None:
+            if len(backlog) >= MAX_BACKLOG:  # a client that never reads: at some point it gets no more
+                self.replies_dropped += 1
+                if self.replies_dropped % 1000 == 1:
+                    log.error("replies_dropped", dropped=self.replies_dropped, backlog=len(backlog))
+                return
+            backlog.append(frames)
+            return
+        try:
+            self._control.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self._backlogs[identity] = deque([frames])
+            log.warning("client_not_reading", unread=self.config.limits.max_unread_replies)
+        except zmq.ZMQError as error:  # EHOSTUNREACH: the client is gone, nobody to answer
+            log.info("reply_undeliverable", error=str(error))
+
+    def _flush_backlogs(self) -> None:
+        """Send what clients' full queues held back, oldest first, as far as their queues take it."""
+        for identity, backlog in list(self._backlogs.items()):
+            try:
+                while backlog:
+                    self._control.send_multipart(backlog[0], zmq.NOBLOCK)
+                    backlog.popleft()
+            except zmq.Again:
+                continue
+            except zmq.ZMQError:  # the client is gone
+                pass
+            del self._backlogs[identity]
 
     def _dispatch(self, request: Request) -> tuple[dict[str, Any], list[bytes]]:
         args = request.args

@@ -276,3 +276,59 @@ def test_recorder_files_are_private_whatever_the_umask(tmp_path: Path, umask: in
     modes = _modes(tmp_path / "case-1")
     assert {"events.jsonl", "schema.json", "overlays/fov-001/cells.png"} <= set(modes)
     assert _private(modes, tmp_path / "case-1") == {}
+
+
+# --- D3, D8: a client that does not read its replies -------------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _unread_then_read(daemon: Daemon, command: str, args: dict[str, object], n: int) -> tuple[dict[str, int], int]:
+    """Send ``n`` requests from a DEALER that reads nothing (its receive queue holds one message) until the daemon
+    says it holds replies back, then read them all: the replies per request id, and the daemon's RSS growth (MiB)
+    while they were unread."""
+    baseline = _rss_mib(daemon.process.pid)
+    socket = _raw_dealer(daemon.endpoints["control"], RCVHWM=1, RCVBUF=4096)
+    try:
+        for i in range(n):
+            socket.send_multipart([b"", json.dumps({"id": f"r{i}", "command": command, "args": args}).encode()])
+        wait_for(
+            lambda: any(e.get("event") == "client_not_reading" for e in daemon.logs()),
+            what="the daemon to hold replies back",
+        )
+        growth = round(_rss_mib(daemon.process.pid) - baseline)
+        replies: dict[str, int] = {}
+        errors: set[str] = set()
+        while sum(replies.values()) < n:
+            assert socket.poll(30_000), f"only {sum(replies.values())} of {n} replies came"
+            reply = Reply.model_validate_json(socket.recv_multipart()[1])
+            replies[reply.id] = replies.get(reply.id, 0) + 1
+            if not reply.ok:
+                errors.add(reply.error or "")
+        assert not socket.poll(500), "a reply too many"
+    finally:
+        socket.close(linger=0)
+    assert errors <= {"busy: 16 replies to this client are unread; read them before sending more requests"}
+    return replies, growth
+
+
+def test_unread_image_replies_do_not_pile_up(daemon: Daemon) -> None:
+    fov_id = daemon.control.call("snapshot")["case"]["fovs"][0]["fov_id"]
+    png = len(daemon.control.request_raw(json.dumps({"command": "image", "args": {"fov_id": fov_id}}).encode())[1][0])
+    n = 300
+    replies, growth = _unread_then_read(daemon, "image", {"fov_id": fov_id}, n)
+    assert replies == {f"r{i}": 1 for i in range(n)}
+    # 300 unread PNGs would be 300 x png bytes; at most the 16 the client may leave unread (and socket buffers) are
+    assert growth < 16 * png / 2**20 + 48, f"RSS grew {growth} MiB with {n} image replies of {png} bytes unread"
+
+
+def test_every_request_of_a_flood_gets_exactly_one_reply(daemon: Daemon) -> None:
+    n = 20_000  # 20,000 unread status replies: 15,000 of them were dropped silently
+    replies, _ = _unread_then_read(daemon, "status", {}, n)
+    assert replies == {f"r{i}": 1 for i in range(n)}
+    assert _problems(daemon) == []
