@@ -107,6 +107,7 @@ def score(
             overlay_dir=overlay_dir,
             params=app_config.scoring,
             rule=scoring_report.chosen_rule(app_config.case_rule, guideline, specimen),
+            max_pixels=app_config.limits.max_image_pixels,
         )
     except (InputError, ConfigError) as error:
         raise _fail(str(error)) from None

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -15,12 +19,47 @@ class InputError(ValueError):
     """A file given by the user cannot be used; the message names the file and says why."""
 
 
-def read_rgb(path: Path) -> npt.NDArray[np.generic]:
-    """Read a colour image file as (M, N, 3) RGB (uint8 or uint16), or raise InputError."""
+def _declared_pixels(path: Path) -> int | None:
+    """The pixel count an image file's header declares (read without decoding it); None if it cannot be told."""
+    from PIL import Image
+
+    bound, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours is the bound: only the header is read
+    try:
+        with Image.open(path) as image:
+            return int(image.width) * int(image.height)
+    except (OSError, ValueError, SyntaxError):  # not a format Pillow knows: OpenCV may
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = bound
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence what the C image libraries print on stderr (libpng's "libpng error: ..." for a truncated file):
+    the failure is reported once, as an InputError naming the file."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def read_rgb(path: Path, max_pixels: int | None = None) -> npt.NDArray[np.generic]:
+    """Read a colour image file as (M, N, 3) RGB (uint8 or uint16), or raise InputError. An image of more than
+    ``max_pixels`` pixels is refused from its header, before it is decoded."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    if max_pixels is not None and (pixels := _declared_pixels(path)) is not None and pixels > max_pixels:
+        raise InputError(
+            f"{path}: {pixels / 1e6:.0f} megapixels; the limit is {max_pixels / 1e6:g} (limits.max_image_megapixels)"
+        )
     data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    with _quiet_stderr():
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise InputError(f"{path}: not a readable image (corrupt, truncated or an unsupported format)")
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):

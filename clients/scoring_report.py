@@ -83,8 +83,10 @@ def score_files(
     overlay_dir: Path | None,
     params: ScoringParams,
     rule: CaseRule,
+    max_pixels: int | None = None,
 ) -> Report:
-    """Read, score and (optionally) draw every FOV; return the JSON-able report.
+    """Read, score and (optionally) draw every FOV; return the JSON-able report. An image of more than
+    ``max_pixels`` pixels is refused before it is decoded.
 
     All inputs are checked before anything is scored, so a bad file fails fast and names itself.
 
@@ -101,8 +103,8 @@ def score_files(
         check_pixel_size(pixel_size_um)
     except ValueError as error:
         raise InputError(f"--pixel-size: {error}") from None
-    images = [(path, read_rgb(path)) for path in fovs]
-    control_image = read_rgb(control) if control is not None else None
+    images = [(path, read_rgb(path, max_pixels)) for path in fovs]
+    control_image = read_rgb(control, max_pixels) if control is not None else None
     if overlay_dir is not None:
         overlay_dir.mkdir(parents=True, exist_ok=True)
 

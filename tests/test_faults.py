@@ -332,3 +332,47 @@ def test_every_request_of_a_flood_gets_exactly_one_reply(daemon: Daemon) -> None
     replies, _ = _unread_then_read(daemon, "status", {}, n)
     assert replies == {f"r{i}": 1 for i in range(n)}
     assert _problems(daemon) == []
+
+
+# --- D9: image files -----------------------------------------------------------------------------------------------
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A small PNG file whose header declares ``width`` x ``height`` RGB pixels (its data holds a few rows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\0" + b"\xf0" * 3 * width * 8)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def _score(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "clients.cli", "score", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_undecoded(tmp_path: Path) -> None:
+    huge = _png_declaring(tmp_path / "huge.png", 30_000, 30_000)
+    done = _score(huge, "--pixel-size", "0.25")
+    assert done.returncode == 2
+    assert done.stderr == f"error: {huge}: 900 megapixels; the limit is 100 (limits.max_image_megapixels)\n"
+
+
+def test_a_truncated_png_is_one_error_line(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    image = np.random.default_rng(1).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    whole = cv2.imencode(".png", image)[1].tobytes()
+    torn = tmp_path / "torn.png"
+    torn.write_bytes(whole[: len(whole) // 2])
+    done = _score(torn, "--pixel-size", "0.25")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: {torn}: not a readable image (corrupt, truncated or an unsupported format)"
+    ]
