@@ -165,34 +165,81 @@ def pixel_noise_od(densities: StainDensities) -> float:
     return float(1.4826 * np.median(np.abs(detail - np.median(detail))))
 
 
+#: Nuclei are found and their elongation measured on a grid of about this pitch: at nucleus scale (a blur of σ = 2 µm, a
+#: quarter of a nucleus diameter) a 1 µm grid loses nothing, and costs a quarter of a 0.5 µm one.
+_NUCLEUS_GRID_UM = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class NucleusScale:
+    """The haematoxylin at nucleus scale: smoothed by a quarter of a nucleus diameter, on a grid ``step`` analysis
+    pixels apart (grid sample (i, j) averages analysis pixels [i·step, (i + 1)·step) × [j·step, (j + 1)·step))."""
+
+    smooth: F32
+    step: int
+
+    def to_grid(self, centres: F64) -> F64:
+        """(row, col) analysis pixels → grid samples."""
+        return (centres - (self.step - 1) / 2.0) / self.step
+
+    def from_grid(self, points: F64) -> F64:
+        """(row, col) grid samples → analysis pixels."""
+        return points * self.step + (self.step - 1) / 2.0
+
+
 def find_nuclei(
     haematoxylin_od: F32,
     pixel_size_um: float,
     nucleus_diameter_um: float,
     min_contrast_od: float,
-) -> tuple[F64, F32]:
+) -> tuple[F64, NucleusScale]:
     """Nucleus centres: blobs of haematoxylin at nucleus scale (difference of Gaussians).
 
     A difference of Gaussians at the nucleus's scale responds to a blob of the nucleus's size whatever its
     absolute darkness, so pale, faded nuclei are found as well as dark ones; thin membranes and the colour fringes
-    of JPEG chroma subsampling along brown membranes are averaged out at that scale.
+    of JPEG chroma subsampling along brown membranes are averaged out at that scale. It is computed on a grid of
+    about ``_NUCLEUS_GRID_UM``, and each peak placed to a fraction of a grid step by a parabola through it and its
+    neighbours.
 
     Returns
     -------
-    centres : (K, 2) float64 (row, col)
-    smooth : (M, N) float32, the haematoxylin smoothed at a quarter of a nucleus diameter (for
-        :func:`nucleus_anisotropy`)
+    centres : (K, 2) float64 (row, col), analysis pixels
+    scale : the haematoxylin smoothed at a quarter of a nucleus diameter (for :func:`nucleus_anisotropy`)
     """
-    radius_px = nucleus_diameter_um / 2.0 / pixel_size_um
-    fine = cv2.GaussianBlur(haematoxylin_od, (0, 0), max(0.7, radius_px / 2.0))
-    coarse = _wide_blur(haematoxylin_od, 2.0 * radius_px)
-    dog = cv2.subtract(fine, coarse)
-    side = 2 * max(1, round(0.8 * radius_px)) + 1
+    step = max(1, int(_NUCLEUS_GRID_UM / pixel_size_um + 1e-6))
+    rows, cols = haematoxylin_od.shape
+    grid = haematoxylin_od
+    if step > 1:
+        cropped = haematoxylin_od[: rows - rows % step, : cols - cols % step]
+        grid = cv2.resize(cropped, (cols // step, rows // step), interpolation=cv2.INTER_AREA)
+    radius = nucleus_diameter_um / 2.0 / (pixel_size_um * step)  # grid samples
+    fine = np.asarray(cv2.GaussianBlur(grid, (0, 0), max(0.7, radius / 2.0)), dtype=np.float32)
+    dog = cv2.subtract(fine, _wide_blur(grid, 2.0 * radius))
+    side = 2 * max(1, round(0.8 * radius)) + 1
     local_max = cv2.dilate(dog, np.ones((side, side), np.uint8))
-    # a float DoG has no plateaus above the contrast floor: each peak is one pixel
-    rows, cols = np.nonzero((dog >= local_max) & (dog > min_contrast_od))
-    centres = np.column_stack([rows, cols]).astype(np.float64)
-    return centres, np.asarray(fine, dtype=np.float32)
+    # a float DoG has no plateaus above the contrast floor: each peak is one sample
+    peak_rows, peak_cols = np.nonzero((dog >= local_max) & (dog > min_contrast_od))
+    peaks = np.column_stack(
+        [peak_rows + _vertex(dog, peak_rows, peak_cols, 0), peak_cols + _vertex(dog, peak_rows, peak_cols, 1)]
+    )
+    scale = NucleusScale(fine, step)
+    centres = np.clip(scale.from_grid(peaks), 0.0, np.array([rows - 1, cols - 1], dtype=np.float64))
+    return centres, scale
+
+
+def _vertex(image: F32, rows: npt.NDArray[np.intp], cols: npt.NDArray[np.intp], axis: int) -> F64:
+    """Sub-sample offset (within ±0.5) of each peak along ``axis``: the vertex of the parabola through the peak and
+    its two neighbours (0 at the image's edge)."""
+    size = image.shape[axis]
+    centre = rows if axis == 0 else cols
+    before, after = np.clip(centre - 1, 0, size - 1), np.clip(centre + 1, 0, size - 1)
+    at = image[rows, cols].astype(np.float64)
+    low = (image[before, cols] if axis == 0 else image[rows, before]).astype(np.float64)
+    high = (image[after, cols] if axis == 0 else image[rows, after]).astype(np.float64)
+    curvature = low - 2.0 * at + high
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(curvature < 0.0, 0.5 * (low - high) / curvature, 0.0)
+    return np.clip(offset, -0.5, 0.5)
 
 
 def _wide_blur(image: F32, sigma_px: float) -> F32:
@@ -286,7 +333,7 @@ def nucleus_areas(haematoxylin_od: F32, centres: F64, nuclei: F64, pixel_size_um
     return np.asarray(0.5 * math.sin(sector) * (radius * np.roll(radius, -1, axis=1)).sum(axis=1), dtype=np.float64)
 
 
-def nucleus_anisotropy(smooth_haematoxylin_od: F32, centres: F64) -> F64:
+def nucleus_anisotropy(scale: NucleusScale, centres: F64) -> F64:
     """How spindle-shaped each nucleus is: the ratio of the haematoxylin's curvature across the nucleus to its
     curvature along it (Hessian eigenvalues at the centre of the haematoxylin smoothed at a quarter of a nucleus
     diameter, as :func:`find_nuclei` returns it).
@@ -298,9 +345,10 @@ def nucleus_anisotropy(smooth_haematoxylin_od: F32, centres: F64) -> F64:
     """
     if len(centres) == 0:
         return np.zeros(0)
-    smooth = smooth_haematoxylin_od
-    rows = np.clip(np.rint(centres[:, 0]).astype(np.intp), 1, smooth.shape[0] - 2)
-    cols = np.clip(np.rint(centres[:, 1]).astype(np.intp), 1, smooth.shape[1] - 2)
+    smooth = scale.smooth
+    grid = np.rint(scale.to_grid(centres)).astype(np.intp)
+    rows = np.clip(grid[:, 0], 1, smooth.shape[0] - 2)
+    cols = np.clip(grid[:, 1], 1, smooth.shape[1] - 2)
     centre = smooth[rows, cols].astype(np.float64)
     d_rr = smooth[rows + 1, cols] + smooth[rows - 1, cols] - 2.0 * centre
     d_cc = smooth[rows, cols + 1] + smooth[rows, cols - 1] - 2.0 * centre
@@ -443,11 +491,15 @@ def membrane_patterns(stained: npt.NDArray[np.bool_]) -> npt.NDArray[np.object_]
     ends = stained & ~following
     length = np.where(ends, np.minimum(run[:, N_RAYS:], N_RAYS), 0)
     longest = np.where(n_stained == N_RAYS, N_RAYS, length.max(axis=1, initial=0))
-    middle = np.arange(N_RAYS)[None, :] - (length - 1) / 2.0
     long_arc = length * 360.0 / N_RAYS >= 45.0
+    # facing arcs are looked for only where there are two long arcs and no longer pattern
+    maybe_lateral = np.flatnonzero((long_arc.sum(axis=1) >= 2) & (longest < N_RAYS // 2))
+    middle = np.arange(N_RAYS)[None, :] - (length[maybe_lateral] - 1) / 2.0
     separation = np.abs(middle[:, :, None] - middle[:, None, :]) % N_RAYS
     separation = np.minimum(separation, N_RAYS - separation) * 360.0 / N_RAYS
-    facing = (long_arc[:, :, None] & long_arc[:, None, :] & (separation >= 120.0)).any(axis=(1, 2))
+    candidates = long_arc[maybe_lateral]
+    facing = np.zeros(n_cells, dtype=bool)
+    facing[maybe_lateral] = (candidates[:, :, None] & candidates[:, None, :] & (separation >= 120.0)).any(axis=(1, 2))
     patterns = np.empty(n_cells, dtype=object)  # np.full would store the enum as a plain str
     patterns[:] = [MembranePattern.PARTIAL] * n_cells
     patterns[facing] = MembranePattern.LATERAL
@@ -517,7 +569,9 @@ def _ray_samples(
         flat[near_edge] = np.clip(rows, 0, height - 1) * width + np.clip(cols, 0, width - 1)
     if tissue is not None:
         inside &= tissue.ravel()[flat]
-    inside = np.logical_and.accumulate(inside, axis=2)
+        # the first sample off the tissue ends the ray (the territory and the frame end it for good: the distances
+        # grow along a ray, and the frame is convex)
+        inside = np.logical_and.accumulate(inside, axis=2)
     return image.ravel()[flat], inside, flat, length
 
 

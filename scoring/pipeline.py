@@ -470,10 +470,10 @@ def _tumour_nuclei(analysis: AnalysisImage, params: ScoringParams, roi: BoolArra
     px = analysis.pixel_size_um
     densities = analysis.densities
     shape = densities.dab.shape
-    centres, smooth_h = cells_module.find_nuclei(
+    centres, nucleus_scale = cells_module.find_nuclei(
         densities.haematoxylin, px, params.nucleus_diameter_um, params.nucleus_min_contrast_od
     )
-    anisotropy = cells_module.nucleus_anisotropy(smooth_h, centres)
+    anisotropy = cells_module.nucleus_anisotropy(nucleus_scale, centres)
     # outlines are traced only for the nuclei that are not spindles (the others are no tumour whatever their area)
     area = np.zeros(len(centres))
     candidates = anisotropy <= params.max_tumour_nucleus_anisotropy

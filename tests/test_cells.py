@@ -17,7 +17,7 @@ import pytest
 
 from config.scoring import CaseRule, Guideline, MembraneMethod, ScoringParams
 from scoring import FovResult, Her2Score, Her2Status, analyse_fov, calibrate_from_control, score_fov
-from scoring.cells import N_RAYS, Rings, classify_cells, membrane_patterns, nucleus_anisotropy
+from scoring.cells import N_RAYS, NucleusScale, Rings, classify_cells, membrane_patterns, nucleus_anisotropy
 from scoring.results import MembranePattern
 from scoring.synthetic import SyntheticFov, render_control, render_fov, render_hard_control, render_hard_fov
 from tests.conftest import CONTOUR_METHOD, PIXEL_SIZE_40X, match_cells
@@ -143,7 +143,7 @@ def test_anisotropy_tells_spindle_from_round_nuclei() -> None:
     cv2.ellipse(image, (150, 50), (10, 7), 30, 0, 360, 1.0, -1)  # oval tumour nucleus, 1.4:1
     cv2.ellipse(image, (100, 150), (25, 3), 60, 0, 360, 1.0, -1)  # spindle, 8:1
     smooth = cv2.GaussianBlur(image, (0, 0), 4.0)
-    ratio = nucleus_anisotropy(smooth, np.array([[50.0, 50.0], [50.0, 150.0], [150.0, 100.0]]))
+    ratio = nucleus_anisotropy(NucleusScale(smooth, 1), np.array([[50.0, 50.0], [50.0, 150.0], [150.0, 100.0]]))
     assert ratio[0] < 1.2
     assert ratio[1] < 2.5
     assert ratio[2] > PER_CELL.max_tumour_nucleus_anisotropy
