@@ -211,10 +211,10 @@ def find_nuclei(
     grid = haematoxylin_od
     if step > 1:
         cropped = haematoxylin_od[: rows - rows % step, : cols - cols % step]
-        grid = cv2.resize(cropped, (cols // step, rows // step), interpolation=cv2.INTER_AREA)
+        grid = np.asarray(cv2.resize(cropped, (cols // step, rows // step), interpolation=cv2.INTER_AREA), np.float32)
     radius = nucleus_diameter_um / 2.0 / (pixel_size_um * step)  # grid samples
     fine = np.asarray(cv2.GaussianBlur(grid, (0, 0), max(0.7, radius / 2.0)), dtype=np.float32)
-    dog = cv2.subtract(fine, _wide_blur(grid, 2.0 * radius))
+    dog = np.asarray(cv2.subtract(fine, _wide_blur(grid, 2.0 * radius)), dtype=np.float32)
     side = 2 * max(1, round(0.8 * radius)) + 1
     local_max = cv2.dilate(dog, np.ones((side, side), np.uint8))
     # a float DoG has no plateaus above the contrast floor: each peak is one sample
