@@ -23,7 +23,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -215,6 +215,8 @@ class CaseStore:
 
     #: A failed image write is tried again after this long (the disk may have been cleared).
     RETRY_S = 5.0
+    #: ... and this often while the daemon waits to exit.
+    SHUTDOWN_RETRY_S = 0.5
 
     def __init__(self, directory: Path, max_audit_entries: int = 10_000) -> None:
         self.directory = directory
@@ -370,11 +372,21 @@ class CaseStore:
         self.poll_images()
         return not self._unsaved
 
-    def shutdown(self, timeout_s: float = 30.0) -> bool:
-        """Write the queued images and stop the writer; False if some images could not be written."""
-        saved = self.flush_images(timeout_s)
-        self._writer.stop(timeout_s)
-        return saved
+    def shutdown(self, timeout_s: float = 30.0, on_wait: Callable[[int], None] | None = None) -> bool:
+        """Write the queued images and stop the writer; False if some images could not be written.
+
+        Images that fail (a full disk) are tried again every ``SHUTDOWN_RETRY_S`` until ``timeout_s``: space freed
+        meanwhile saves them (``on_wait(unsaved)`` is called once when it comes to waiting).
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.flush_images(max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline:
+            if on_wait is not None:
+                on_wait(self.unsaved_images)
+                on_wait = None
+            time.sleep(min(self.SHUTDOWN_RETRY_S, max(0.0, deadline - time.monotonic())))
+            self._failed_at = dict.fromkeys(self._failed_at, -self.RETRY_S)  # due now: the next poll retries them
+        self._writer.stop(max(0.0, deadline - time.monotonic()))
+        return not self._unsaved
 
     def record(self, fov_id: str) -> FovRecord:
         """The record of ``fov_id``; CaseError if the case has no such FOV."""

@@ -230,7 +230,10 @@ class Daemon:
             self._pedal = None
 
     def _save_images(self) -> None:
-        if not self.store.shutdown(timeout_s=30.0):
+        def waiting(unsaved: int) -> None:
+            log.error("waiting_for_disk_space", unsaved=unsaved, hint="free disk space: the images are kept 30 s")
+
+        if not self.store.shutdown(timeout_s=30.0, on_wait=waiting):
             log.error("images_not_saved_at_exit", unsaved=self.store.unsaved_images)
 
     def _shutdown(self) -> None:

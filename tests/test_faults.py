@@ -376,3 +376,35 @@ def test_a_truncated_png_is_one_error_line(tmp_path: Path) -> None:
     assert done.stderr.splitlines() == [
         f"error: {torn}: not a readable image (corrupt, truncated or an unsupported format)"
     ]
+
+
+# --- D6: images waiting for disk space at shutdown --------------------------------------------------------------------
+
+
+def test_sigterm_waits_for_an_image_that_waits_for_space(tmp_path: Path) -> None:
+    import resource
+    import signal
+
+    from tests.conftest import die_with_parent
+
+    limit = 500_000  # bytes per file: case.json, a result and the log fit, a captured image (~1 MB) does not
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        die_with_parent()
+
+    with running_daemon(tmp_path, preexec_fn=small_disk) as daemon:
+        daemon.control.call("auto-capture", enabled=False)
+        wait_for(lambda: daemon.control.call("status")["camera"]["state"] == "live", what="the camera")
+        fov_id = daemon.control.call("capture")["fov_id"]
+        wait_for(lambda: any(e.get("event") == "image_not_saved" for e in daemon.logs()), what="the full disk")
+        daemon.control.close()
+        daemon.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: any(e.get("event") == "waiting_for_disk_space" for e in daemon.logs()), what="the wait")
+        assert daemon.process.poll() is None  # still waiting for space, as the docs promise (up to 30 s)
+        resource.prlimit(daemon.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        assert daemon.process.wait(timeout=30) == 0
+        events = [e.get("event") for e in daemon.logs()]
+    assert "images_not_saved_at_exit" not in events
+    png = next((daemon.state / "cases").glob(f"*/{fov_id}.png"))
+    assert png.stat().st_size > limit
