@@ -31,6 +31,7 @@ import numpy.typing as npt
 from config.scoring import CaseRule, MembraneMethod, ScoringParams
 from scoring.pipeline import RowCol, analyse_fov, polygon_mask, prepare, stain_masks
 from scoring.results import ClassCounts, ControlCalibration, Her2Score, MembranePattern, ThresholdSource
+from scoring.stains import ChannelOrder
 
 #: Fewer stained membrane pixels than this area cannot calibrate anything (a few cells' worth).
 _MIN_MEMBRANE_AREA_UM2 = 200.0
@@ -45,7 +46,7 @@ def calibrate_from_control(
     *,
     region_polygon: Sequence[RowCol] | None = None,
     rule: CaseRule | None = None,
-    channel_order: str = "RGB",
+    channel_order: ChannelOrder = "RGB",
 ) -> ControlCalibration:
     """Derive the intense DAB threshold from a positive-control FOV and check that the control scores 3+.
 
@@ -124,7 +125,7 @@ def _control_pixels_ridge(
     pixel_size_um: float,
     params: ScoringParams,
     region_polygon: Sequence[RowCol] | None,
-    channel_order: str,
+    channel_order: ChannelOrder,
 ) -> tuple[float, int]:
     """Contour-hierarchy method: the mean DAB OD of the control's stained membrane pixels (M_weak in its tumour
     region) between the percentiles of ``control_percentile_range``, and how many pixels that was."""
@@ -150,7 +151,7 @@ def _control_cells_ridge(
     params: ScoringParams,
     region_polygon: Sequence[RowCol] | None,
     rule: CaseRule,
-    channel_order: str,
+    channel_order: ChannelOrder,
 ) -> tuple[float, int]:
     """Per-cell method: the median membrane DAB OD of the control's tumour cells with stained membrane (a 3+
     control's cells are its intense level), and how many stained membrane pixels the control has."""
@@ -182,7 +183,7 @@ def weak_threshold_from_region(
     region_polygon: Sequence[RowCol],
     params: ScoringParams | None = None,
     *,
-    channel_order: str = "RGB",
+    channel_order: ChannelOrder = "RGB",
 ) -> float:
     """The weak DAB threshold from a region of typical weak staining picked by the pathologist.
 

@@ -43,6 +43,7 @@ from scoring.case import NO_CONTROL_WARNING, call_score, cluster_sizes
 from scoring.membranes import CompleteMembranes, cell_area_bounds_px, complete_membranes
 from scoring.morphology import BoolArray
 from scoring.results import Cell, ClassCounts, ControlCalibration, FovResult, Her2Score, ThresholdSource
+from scoring.stains import ChannelOrder
 
 MIN_PIXEL_SIZE_UM = 0.05
 MAX_PIXEL_SIZE_UM = 5.0
@@ -115,7 +116,7 @@ def check_pixel_size(pixel_size_um: float) -> float:
 
 
 def prepare(
-    image: npt.NDArray[np.generic], pixel_size_um: float, params: ScoringParams, channel_order: str = "RGB"
+    image: npt.NDArray[np.generic], pixel_size_um: float, params: ScoringParams, channel_order: ChannelOrder = "RGB"
 ) -> AnalysisImage:
     """Check, resample to analysis resolution and deconvolve a FOV."""
     image = stains.check_rgb(image)
@@ -135,7 +136,7 @@ def prepare(
         h_vec, d_vec = stains.estimate_stain_vectors(rgb_small, params.stains)
     else:
         h_vec, d_vec = params.stains.haematoxylin, params.stains.dab
-    densities = stains.deconvolve(small, h_vec, d_vec, channel_order)  # type: ignore[arg-type]
+    densities = stains.deconvolve(small, h_vec, d_vec, channel_order)
     scale = (rows / small.shape[0], cols / small.shape[1])
     return AnalysisImage(densities, scale, pixel_size_um * scale[1], (rows, cols))
 
@@ -246,7 +247,7 @@ def analyse_fov(
     control: ControlCalibration | None = None,
     roi_polygon: Sequence[RowCol] | None = None,
     rule: CaseRule | None = None,
-    channel_order: str = "RGB",
+    channel_order: ChannelOrder = "RGB",
 ) -> FovAnalysis:
     """Score one FOV and keep the masks that explain the score.
 
@@ -579,7 +580,7 @@ def score_fov(
     control: ControlCalibration | None = None,
     roi_polygon: Sequence[RowCol] | None = None,
     rule: CaseRule | None = None,
-    channel_order: str = "RGB",
+    channel_order: ChannelOrder = "RGB",
 ) -> FovResult:
     """Score one FOV; see :func:`analyse_fov`, which also returns the masks."""
     return analyse_fov(
