@@ -37,8 +37,8 @@ class StainVectors(_Frozen):
     def _check_vectors(self) -> StainVectors:
         for name in ("haematoxylin", "dab"):
             vector = getattr(self, name)
-            if any(v < 0 for v in vector) or math.hypot(*vector) < 1e-6:
-                raise ValueError(f"{name} stain vector {vector} must be non-negative and non-zero")
+            if not all(math.isfinite(v) and v >= 0 for v in vector) or math.hypot(*vector) < 1e-6:
+                raise ValueError(f"{name} stain vector {vector} must be finite, non-negative and non-zero")
         h = _unit(self.haematoxylin)
         d = _unit(self.dab)
         cos = sum(a * b for a, b in zip(h, d, strict=True))

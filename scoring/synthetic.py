@@ -45,6 +45,11 @@ from typing import Final, TypedDict, Unpack
 import cv2
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import ValidationError
+
+from config.scoring import StainVectors
+from scoring.stains import Vector3
+from scoring.stains import stain_matrix as scorer_stain_matrix
 
 __all__ = [
     "CELL_GAP_UM",
@@ -96,8 +101,6 @@ __all__ = [
     "vignette_gain",
 ]
 
-Vector3 = tuple[float, float, float]
-
 HER2_CLASSES: Final[tuple[str, ...]] = ("0", "1+", "2+", "3+")
 
 MEMBRANE_DAB_OD: Final[Mapping[str, float]] = MappingProxyType({"0": 0.0, "1+": 0.22, "2+": 0.40, "3+": 0.90})
@@ -119,8 +122,8 @@ CELL_GAP_UM: Final[float] = 1.5
 GLASS_LEVEL: Final[int] = 245
 """Incident light level I0 (grey levels): what empty glass renders as, before noise."""
 
-DEFAULT_STAIN_VECTORS: Final[tuple[Vector3, Vector3]] = ((0.650, 0.704, 0.286), (0.268, 0.570, 0.776))
-"""Ruifrok & Johnston (2001) haematoxylin and DAB OD vectors (R, G, B), not yet normalised."""
+DEFAULT_STAIN_VECTORS: Final[tuple[Vector3, Vector3]] = (StainVectors().haematoxylin, StainVectors().dab)
+"""The scorer's default haematoxylin and DAB OD vectors (R, G, B; Ruifrok & Johnston 2001), not yet normalised."""
 
 MEMBRANE_PATTERNS: Final[tuple[str, ...]] = ("complete", "basolateral", "lateral", "partial", "none")
 """Where a cell's membrane is stained: all round; all but the apical side (U-shaped, the side facing a gland
@@ -562,7 +565,8 @@ def vignette_gain(
 
 
 def stain_matrix(stain_vectors: tuple[Vector3, Vector3] | None = None) -> NDArray[np.float64]:
-    """Unit stain OD vectors as the rows of a 3x3 matrix (H, DAB, residual).
+    """Unit stain OD vectors as the rows of a 3x3 matrix (H, DAB, residual): the scorer's own
+    (``scoring.stains.stain_matrix``), checked as the scorer's configuration checks them.
 
     Parameters
     ----------
@@ -582,20 +586,13 @@ def stain_matrix(stain_vectors: tuple[Vector3, Vector3] | None = None) -> NDArra
         If a vector is not three finite non-negative numbers, is zero, or the two are nearly parallel.
     """
     vectors = DEFAULT_STAIN_VECTORS if stain_vectors is None else stain_vectors
-    rows = []
     if len(vectors) != 2:
         raise ValueError(f"stain_vectors must be (haematoxylin, dab), got {len(vectors)} vectors")
-    for name, vector in zip(("haematoxylin", "dab"), vectors, strict=True):
-        v = np.asarray(vector, dtype=np.float64)
-        if v.shape != (3,) or not np.all(np.isfinite(v)) or np.any(v < 0) or float(np.linalg.norm(v)) < 1e-6:
-            raise ValueError(f"{name} stain vector {vector!r} must be three finite, non-negative, non-zero numbers")
-        rows.append(v / np.linalg.norm(v))
-    cosine = float(rows[0] @ rows[1])
-    if cosine > 0.99:
-        raise ValueError(f"haematoxylin and DAB stain vectors are nearly parallel (cosine {cosine:.4f})")
-    residual = np.cross(rows[0], rows[1])
-    rows.append(residual / np.linalg.norm(residual))
-    return np.stack(rows)
+    try:
+        checked = StainVectors(haematoxylin=vectors[0], dab=vectors[1])
+    except ValidationError as error:
+        raise ValueError(f"stain_vectors {vectors!r}: {error.errors()[0]['msg']}") from None
+    return scorer_stain_matrix(checked.haematoxylin, checked.dab)
 
 
 def blank_fov(shape: tuple[int, int] = (1080, 1920), level: int = GLASS_LEVEL) -> NDArray[np.uint8]:

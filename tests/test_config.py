@@ -189,6 +189,8 @@ def test_models_reject_unknown_keyword(model: type[BaseModel]) -> None:
         ({"dab": (1.30, 1.408, 0.572)}, "parallel"),  # same direction, twice as long
         ({"dab": (-0.268, 0.57, 0.776)}, "non-negative"),
         ({"haematoxylin": (0.65, -0.01, 0.286)}, "non-negative"),
+        ({"dab": (0.268, float("inf"), 0.776)}, "finite"),
+        ({"haematoxylin": (float("nan"), 0.704, 0.286)}, "finite"),
         ({"dab": (0.0, 0.0, 0.0)}, "non-zero"),
     ],
 )
