@@ -5,20 +5,17 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from config.daemon import DaemonConfig
 from config.limits import LimitsConfig
-from config.scoring import CaseRule, ScoringParams
+from config.scoring import MAX_PIXEL_SIZE_UM, MIN_PIXEL_SIZE_UM, CaseRule, PixelSize, ScoringParams
 
 
 class ConfigError(ValueError):
     """The configuration file is unreadable or invalid; the message names the file, field and value."""
-
-
-PixelSize = Annotated[float, Field(gt=0.05, le=5.0)]
 
 
 class OpticsConfig(BaseModel):
@@ -43,9 +40,11 @@ class OpticsConfig(BaseModel):
             if "objectives" in data or "objective" in data:
                 raise ValueError("give either pixel_size_um (one objective) or objectives and objective, not both")
             value = data["pixel_size_um"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.05 < value <= 5.0:
+            in_range = isinstance(value, (int, float)) and MIN_PIXEL_SIZE_UM < value <= MAX_PIXEL_SIZE_UM
+            if isinstance(value, bool) or not in_range:
                 raise ValueError(
-                    f"pixel_size_um = {value!r} must be a number of µm per pixel in (0.05, 5] (40x ≈ 0.25, 20x ≈ 0.5)"
+                    f"pixel_size_um = {value!r} must be a number of µm per pixel in ({MIN_PIXEL_SIZE_UM}, "
+                    f"{MAX_PIXEL_SIZE_UM:g}] (40x ≈ 0.25, 20x ≈ 0.5)"
                 )
             rest = {k: v for k, v in data.items() if k != "pixel_size_um"}
             return {**rest, "objectives": {"objective": data["pixel_size_um"]}, "objective": "objective"}

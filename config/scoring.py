@@ -18,6 +18,13 @@ OpticalDensity = Annotated[float, Field(gt=0.0, le=3.0)]
 Percent = Annotated[float, Field(ge=0.0, le=100.0)]
 
 
+#: The pixel sizes a microscope camera can have in the specimen plane, µm per pixel: from beyond a 100x oil
+#: objective's (about 0.06) to a 2x scanning objective's (about 3); 40x is about 0.25, 20x about 0.5.
+MIN_PIXEL_SIZE_UM = 0.05
+MAX_PIXEL_SIZE_UM = 5.0
+PixelSize = Annotated[float, Field(gt=MIN_PIXEL_SIZE_UM, le=MAX_PIXEL_SIZE_UM)]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

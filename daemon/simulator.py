@@ -48,8 +48,17 @@ import numpy as np
 import numpy.typing as npt
 
 from config.daemon import SimulatedCameraConfig
+from config.scoring import MAX_PIXEL_SIZE_UM, MIN_PIXEL_SIZE_UM
 from daemon.frames import Frame, SourceError
-from scoring.synthetic import GLASS_LEVEL, HER2_CLASSES, SyntheticCell, render_control, render_fov
+from scoring.synthetic import (
+    DEFAULT_CELL_DIAMETER_UM,
+    GLASS_LEVEL,
+    HER2_CLASSES,
+    MIN_CELL_PX,
+    SyntheticCell,
+    render_control,
+    render_fov,
+)
 
 __all__ = [
     "DEFOCUS_BLUR_PER_UM",
@@ -469,8 +478,16 @@ class SimulatedMicroscope:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if not (isinstance(pixel_size_um, int | float) and 0.05 < pixel_size_um <= 2.0):
-            raise ValueError(f"pixel_size_um must be in (0.05, 2] µm/px for the simulated slide, got {pixel_size_um!r}")
+        if not (isinstance(pixel_size_um, int | float) and MIN_PIXEL_SIZE_UM < pixel_size_um <= MAX_PIXEL_SIZE_UM):
+            raise ValueError(
+                f"pixel_size_um must be in ({MIN_PIXEL_SIZE_UM}, {MAX_PIXEL_SIZE_UM:g}] µm/px, got {pixel_size_um!r}"
+            )
+        if DEFAULT_CELL_DIAMETER_UM / pixel_size_um < MIN_CELL_PX:  # a camera this coarse sees no synthetic cell
+            raise ValueError(
+                f"the simulated slide's {DEFAULT_CELL_DIAMETER_UM:g} µm tumour cells need at least {MIN_CELL_PX:g} px "
+                f"each: pixel_size_um must be at most {DEFAULT_CELL_DIAMETER_UM / MIN_CELL_PX:g} µm/px, got "
+                f"{pixel_size_um!r}"
+            )
         self._config = config
         self._px = float(pixel_size_um)
         self._clock = clock

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.scoring import CaseRule, MembraneMethod, ScoringParams
+from config.scoring import MAX_PIXEL_SIZE_UM, MIN_PIXEL_SIZE_UM, CaseRule, MembraneMethod, ScoringParams
 from scoring import cells as cells_module
 from scoring import morphology, nuclei, stains
 from scoring.case import NO_CONTROL_WARNING, call_score, cluster_sizes
@@ -45,8 +45,6 @@ from scoring.morphology import BoolArray
 from scoring.results import Cell, ClassCounts, ControlCalibration, FovResult, Her2Score, ThresholdSource
 from scoring.stains import ChannelOrder
 
-MIN_PIXEL_SIZE_UM = 0.05
-MAX_PIXEL_SIZE_UM = 5.0
 #: The tumour region is a coarse shape; it is computed at about this pixel size.
 _REGION_PIXEL_SIZE_UM = 2.0
 #: D_weak and D_intense (dilations by a cell radius) are evaluated at about this pixel size.

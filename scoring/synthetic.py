@@ -55,6 +55,7 @@ __all__ = [
     "CELL_GAP_UM",
     "COLUMNAR_ASPECT",
     "COLUMNAR_HEIGHT_UM",
+    "DEFAULT_CELL_DIAMETER_UM",
     "DEFAULT_STAIN_VECTORS",
     "FIBROBLAST_LENGTH_UM",
     "FIBROBLAST_WIDTH_UM",
@@ -78,6 +79,7 @@ __all__ = [
     "MEMBRANE_JITTER",
     "MEMBRANE_PATTERNS",
     "MEMBRANE_WIDTH_UM",
+    "MIN_CELL_PX",
     "MUSCLE_NUCLEUS_LENGTH_UM",
     "MUSCLE_NUCLEUS_WIDTH_UM",
     "NUCLEUS_OVERLAP_MAX",
@@ -118,6 +120,12 @@ MEMBRANE_WIDTH_UM: Final[float] = 1.25
 
 CELL_GAP_UM: Final[float] = 1.5
 """Nominal gap between the outlines of neighbouring tumour cells."""
+
+DEFAULT_CELL_DIAMETER_UM: Final[float] = 12.0
+"""The tumour cell diameter of a render unless another is given."""
+
+MIN_CELL_PX: Final[float] = 6.0
+"""Tumour cells are drawn at least this many pixels across (a nucleus, a cytoplasm and a membrane ring)."""
 
 GLASS_LEVEL: Final[int] = 245
 """Incident light level I0 (grey levels): what empty glass renders as, before noise."""
@@ -652,7 +660,7 @@ def render_fov(
     *,
     batch_strength: float = 1.0,
     tumour_fraction: float = 0.45,
-    cell_diameter_um: float = 12.0,
+    cell_diameter_um: float = DEFAULT_CELL_DIAMETER_UM,
     nucleus_diameter_um: float = 6.0,
     cell_heterogeneity: float = 0.0,
     blur_um: float = 0.5,
@@ -778,9 +786,10 @@ def render_fov(
     centre = _check_centre(vignette_centre)
     if tissue != "tumour":
         tumour_fraction = 0.0
-    if tumour_fraction > 0 and cell_d / px < 6.0:
+    if tumour_fraction > 0 and cell_d / px < MIN_CELL_PX:
         raise ValueError(
-            f"cell_diameter_um {cell_d} is only {cell_d / px:.1f} px at {px} µm/px; tumour cells need at least 6 px"
+            f"cell_diameter_um {cell_d} is only {cell_d / px:.1f} px at {px} µm/px; tumour cells need at least "
+            f"{MIN_CELL_PX:g} px"
         )
     stains = stain_matrix(stain_vectors)
     rng = _check_seed(seed)

@@ -381,3 +381,16 @@ def test_full_size_views_score_like_their_ground_truth() -> None:
     assert result.total == pytest.approx(sum(truth.values()), rel=0.15)
     for key, fraction in MIX.items():
         assert result.percentages[key] == pytest.approx(100.0 * fraction, abs=8.0), (result.percentages, truth)
+
+
+@pytest.mark.parametrize(
+    ("pixel_size", "match"),
+    [
+        (0.0, r"\(0.05, 5\]"),  # the pixel sizes any camera may have (config.scoring)
+        (6.0, r"\(0.05, 5\]"),
+        (3.0, "at most 2 µm/px"),  # a camera may, but the simulated slide's cells would be under 6 px
+    ],
+)
+def test_pixel_sizes_the_simulated_slide_cannot_show_are_refused(pixel_size: float, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SimulatedMicroscope(small_config(), pixel_size)
