@@ -1,1 +1,2 @@
-"""The programs people run: the command line, and (later) the recorder and the viewer."""
+"""The programs people run beside the daemon: the command line (``cli``), the recorder, the viewer, ``ctl``, the demo,
+and offline scoring and re-scoring of image files and recorded cases."""

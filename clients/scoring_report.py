@@ -1,4 +1,4 @@
-"""Offline scoring of image files: the engine behind ``her2scope score`` (and, later, ``rescore``)."""
+"""Offline scoring of image files: the engine behind ``her2scope score``."""
 
 from __future__ import annotations
 

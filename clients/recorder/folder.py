@@ -150,7 +150,6 @@ class CaseFolder:
         self.overlay_layers: dict[str, tuple[str, ...]] = {}
         self._pending_lines: list[bytes] = []
         self._pending_files: dict[str, bytes] = {}  # relative path → content, in insertion order
-        self.write_errors = 0
         if not (path / SCHEMA_FILE).exists():
             self.write_file(SCHEMA_FILE, json.dumps(document_schema(), indent=1).encode())
 
@@ -222,7 +221,6 @@ class CaseFolder:
                 atomic_write(target, self._pending_files[relative])
                 del self._pending_files[relative]
         except OSError as error:
-            self.write_errors += 1
             full = error.errno in (errno.ENOSPC, errno.EDQUOT)
             log.error(
                 "disk_full" if full else "write_failed",
