@@ -71,9 +71,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from clients.images import read_rgb, write_rgb
-from config.scoring import CaseRule, Guideline, MembraneMethod, ScoringParams
-from scoring import (
+from her2scope.clients.images import read_rgb, write_rgb
+from her2scope.config.scoring import CaseRule, Guideline, MembraneMethod, ScoringParams
+from her2scope.scoring import (
     CaseResult,
     ControlCalibration,
     FovAnalysis,
@@ -84,8 +84,8 @@ from scoring import (
     score_case,
     synthetic,
 )
-from scoring.overlay import DEFAULT_LAYERS, render_overlay
-from scoring.results import HER2_SCORES, ClassCounts
+from her2scope.scoring.overlay import DEFAULT_LAYERS, render_overlay
+from her2scope.scoring.results import HER2_SCORES, ClassCounts
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 DEFAULT_DATA: Final = ROOT.parent / "shared" / "data" / "her2-tma"

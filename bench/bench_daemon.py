@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from clients.control import ControlClient, Subscriber, read_endpoints
-from daemon.protocol import Topic
+from her2scope.clients.control import ControlClient, Subscriber, read_endpoints
+from her2scope.daemon.protocol import Topic
 
 CONFIG = """
 [optics]
@@ -134,7 +134,7 @@ def running_daemon(
     config.write_text(CONFIG.format(state=state, width=width, height=height, pixel_size_um=pixel_size_um))
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [sys.executable, "-m", "clients.cli", "daemon", "--config", str(config), "--json-logs"],
+        [sys.executable, "-m", "her2scope", "daemon", "--config", str(config), "--json-logs"],
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 from skimage.color import rgb2hed
 
-from config.scoring import ScoringParams
-from scoring import analyse_fov, calibrate_from_control, score_fov
-from scoring.overlay import render_overlay
+from her2scope.config.scoring import ScoringParams
+from her2scope.scoring import analyse_fov, calibrate_from_control, score_fov
+from her2scope.scoring.overlay import render_overlay
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

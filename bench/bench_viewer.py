@@ -19,8 +19,8 @@ import json
 import time
 
 from bench.bench_daemon import percentile, running_daemon
-from clients import viewer
-from clients.control import ControlClient
+from her2scope.clients import viewer
+from her2scope.clients.control import ControlClient
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from clients.options import ConfigOption, DaemonStateOption, JsonLogsOption
+from her2scope.clients.options import ConfigOption, DaemonStateOption, JsonLogsOption
 
 app = typer.Typer(
     name="her2scope",
@@ -21,7 +21,7 @@ app = typer.Typer(
 
 
 def _register_subcommands() -> None:
-    from clients.ctl import ctl_app
+    from her2scope.clients.ctl import ctl_app
 
     app.add_typer(ctl_app, name="ctl")
 
@@ -85,9 +85,9 @@ def score(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
 ) -> None:
     """Score FOV images offline and print per-FOV counts and the case score."""
-    from clients import scoring_report
-    from clients.images import InputError, read_roi
-    from config.app import ConfigError, load_config
+    from her2scope.clients import scoring_report
+    from her2scope.clients.images import InputError, read_roi
+    from her2scope.config.app import ConfigError, load_config
 
     try:
         app_config = load_config(config)
@@ -128,10 +128,10 @@ def daemon(
     """Run the camera daemon: capture stable fields, score them, publish on ZeroMQ (Ctrl-C or SIGTERM stops)."""
     import signal
 
-    from config.app import ConfigError, load_config
-    from daemon.frames import SourceError
-    from daemon.logs import configure_logging
-    from daemon.service import Daemon
+    from her2scope.config.app import ConfigError, load_config
+    from her2scope.daemon.frames import SourceError
+    from her2scope.daemon.logs import configure_logging
+    from her2scope.daemon.service import Daemon
 
     configure_logging(json_logs)
     try:
@@ -167,10 +167,10 @@ def record(
     """Record every case of the daemon: event log, lossless images, overlays and an HTML report per case."""
     import signal
 
-    from clients.control import live_endpoints
-    from clients.recorder import Recorder
-    from config.app import ConfigError, load_config
-    from daemon.logs import configure_logging
+    from her2scope.clients.control import live_endpoints
+    from her2scope.clients.recorder import Recorder
+    from her2scope.config.app import ConfigError, load_config
+    from her2scope.daemon.logs import configure_logging
 
     configure_logging(json_logs)
     try:
@@ -222,7 +222,7 @@ def rescore(
 
     Exit codes: 0 reproduced / written, 1 the recorded parameters did not reproduce the recorded numbers, 2 bad input.
     """
-    from clients.rescore import RescoreError, format_comparison, rescore_case
+    from her2scope.clients.rescore import RescoreError, format_comparison, rescore_case
 
     try:
         comparison = rescore_case(
@@ -253,7 +253,7 @@ def demo(
     ] = False,
 ) -> None:
     """Run the whole system on the simulated microscope: a scripted case, its score and its report."""
-    from clients.demo import DemoError, run_demo
+    from her2scope.clients.demo import DemoError, run_demo
 
     try:
         run_demo(out, fields=fields, window=window, keep_running=keep_running)
@@ -275,9 +275,9 @@ def view(
     """Show the live view, the last FOV with its overlays and the case score in a window (keys in its footer)."""
     import time
 
-    from clients import viewer
-    from clients.control import ControlError
-    from config.app import ConfigError
+    from her2scope.clients import viewer
+    from her2scope.clients.control import ControlError
+    from her2scope.config.app import ConfigError
 
     try:
         canvas = viewer.parse_size(size)
@@ -304,7 +304,7 @@ def view(
 
 
 def run() -> Any:
-    """Entry point for ``python -m clients.cli``."""
+    """Entry point for ``python -m her2scope``."""
     return app()
 
 

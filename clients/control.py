@@ -12,7 +12,7 @@ from typing import Any
 
 import zmq
 
-from daemon.protocol import Message, ProtocolError, Reply, decode, request_id
+from her2scope.daemon.protocol import Message, ProtocolError, Reply, decode, request_id
 
 
 class ControlError(RuntimeError):
@@ -154,7 +154,7 @@ def live_endpoints(state_directory: Path, configured: dict[str, str] | None = No
 def daemon_endpoints(config_path: Path | None = None, state_directory: Path | None = None) -> dict[str, str]:
     """Where the daemon of a configuration listens (see :func:`live_endpoints`); ``state_directory`` defaults to
     the configuration's. ConfigError for a bad configuration, ControlError when no daemon can be found."""
-    from config.app import load_config
+    from her2scope.config.app import load_config
 
     config = load_config(config_path)
     state = state_directory or config.daemon.state.directory

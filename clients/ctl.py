@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from clients.options import ConfigOption, DaemonStateOption
+from her2scope.clients.options import ConfigOption, DaemonStateOption
 
 ctl_app = typer.Typer(
     name="ctl", help="Control a running daemon: capture, control, case start/close, status.", no_args_is_help=True
@@ -30,8 +30,8 @@ TimeoutOption = Annotated[float, typer.Option("--timeout-ms", help="How long to 
 def _call(
     command: str, config: Path | None, state: Path | None, timeout_ms: float, as_json: bool, **args: Any
 ) -> dict[str, Any]:
-    from clients.control import ControlClient, ControlError, daemon_endpoints
-    from config.app import ConfigError
+    from her2scope.clients.control import ControlClient, ControlError, daemon_endpoints
+    from her2scope.config.app import ConfigError
 
     try:
         endpoints = daemon_endpoints(config, state)

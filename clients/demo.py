@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from clients.control import ControlClient, ControlError, Subscriber, read_endpoints
-from clients.ctl import format_case
-from clients.viewer.app import has_display
-from daemon.protocol import Topic
+from her2scope.clients.control import ControlClient, ControlError, Subscriber, read_endpoints
+from her2scope.clients.ctl import format_case
+from her2scope.clients.viewer.app import has_display
+from her2scope.daemon.protocol import Topic
 
 DEMO_CONFIG = """\
 # her2scope demo: the simulated microscope over a synthetic HER2 slide, loopback ports chosen at start.
@@ -69,7 +69,7 @@ class _Processes:
     def start(self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         handle = open(log, "wb")  # noqa: SIM115 - the child writes to it until it stops
         process = subprocess.Popen(
-            [sys.executable, "-m", "clients.cli", *args],
+            [sys.executable, "-m", "her2scope", *args],
             stdout=handle,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

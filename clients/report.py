@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from clients.recorder.documents import CLASSES
-from config.scoring import Guideline
-from scoring.case import GUIDELINE_SOURCES
+from her2scope.clients.recorder.documents import CLASSES
+from her2scope.config.scoring import Guideline
+from her2scope.scoring.case import GUIDELINE_SOURCES
 
 #: The overlays' class colours (scoring.overlay.CLASS_COLOURS), so chart, table and pictures agree.
 CLASS_COLOURS = {"0": "#2878ff", "1+": "#f2d300", "2+": "#ff8c00", "3+": "#e61414"}

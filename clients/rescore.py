@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from clients.recorder import (
+from her2scope.clients.recorder import (
     CLASSES,
     EVENTS_FILE,
     ActionDoc,
@@ -35,8 +35,8 @@ from clients.recorder import (
     fov_data,
     read_log,
 )
-from config.scoring import CaseRule, ScoringParams
-from scoring.results import ControlCalibration, FovResult
+from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.scoring.results import ControlCalibration, FovResult
 
 RowCol = tuple[float, float]
 SECTIONS = {"scoring": ScoringParams, "case_rule": CaseRule}
@@ -217,14 +217,14 @@ def rescore_case(
     RescoreError
         Not a case folder, a log without a start, an unreadable config, a bad ``--set``.
     """
-    from scoring import analyse_fov, calibrate_from_control, score_case
+    from her2scope.scoring import analyse_fov, calibrate_from_control, score_case
 
     case = RecordedCase(case_dir)
     chosen = [f"case_rule.{k}={v}" for k, v in (("guideline", guideline), ("specimen", specimen)) if v is not None]
     parsed = parse_overrides([*(overrides or []), *chosen])
     recorded = (case.recorded_params(), case.start.rule)
     if config_path is not None:
-        from config.app import ConfigError, load_config
+        from her2scope.config.app import ConfigError, load_config
 
         try:
             config = load_config(config_path)
@@ -396,8 +396,8 @@ def _write_result(
 
     import cv2
 
-    from clients.report import render_report
-    from scoring.overlay import DEFAULT_LAYERS, render_overlay
+    from her2scope.clients.report import render_report
+    from her2scope.scoring.overlay import DEFAULT_LAYERS, render_overlay
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     out = case.case_dir / f"rescore-{stamp}"

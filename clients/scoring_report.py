@@ -7,13 +7,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from clients.images import InputError, read_rgb, write_rgb
-from clients.report import guideline_label
-from config.scoring import CaseRule, Guideline, ScoringParams, Specimen
-from scoring import analyse_fov, calibrate_from_control, score_case
-from scoring.overlay import DEFAULT_LAYERS, render_overlay
-from scoring.pipeline import check_pixel_size
-from scoring.results import CaseResult, FovResult, ScoreCall
+from her2scope.clients.images import InputError, read_rgb, write_rgb
+from her2scope.clients.report import guideline_label
+from her2scope.config.scoring import CaseRule, Guideline, ScoringParams, Specimen
+from her2scope.scoring import analyse_fov, calibrate_from_control, score_case
+from her2scope.scoring.overlay import DEFAULT_LAYERS, render_overlay
+from her2scope.scoring.pipeline import check_pixel_size
+from her2scope.scoring.results import CaseResult, FovResult, ScoreCall
 
 Report = dict[str, Any]
 

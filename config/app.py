@@ -9,9 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from config.daemon import DaemonConfig
-from config.limits import LimitsConfig
-from config.scoring import MAX_PIXEL_SIZE_UM, MIN_PIXEL_SIZE_UM, CaseRule, PixelSize, ScoringParams
+from her2scope.config.daemon import DaemonConfig
+from her2scope.config.limits import LimitsConfig
+from her2scope.config.scoring import MAX_PIXEL_SIZE_UM, MIN_PIXEL_SIZE_UM, CaseRule, PixelSize, ScoringParams
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,7 @@ class AppConfig(BaseModel):
 
 def default_config_text() -> str:
     """The shipped default configuration file, with its comments."""
-    return resources.files("config").joinpath("default.toml").read_text(encoding="utf-8")
+    return resources.files("her2scope.config").joinpath("default.toml").read_text(encoding="utf-8")
 
 
 def load_config(path: Path | None = None) -> AppConfig:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from config.app import AppConfig
-from config.daemon import GigeCameraConfig, ReplayCameraConfig, UsbCameraConfig
+from her2scope.config.app import AppConfig
+from her2scope.config.daemon import GigeCameraConfig, ReplayCameraConfig, UsbCameraConfig
 
 HEADER = """\
 # her2scope configuration. Sizes in µm, stain levels in optical density (OD, log10), times in ms.

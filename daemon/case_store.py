@@ -33,9 +33,9 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from config.scoring import CaseRule, ScoringParams
-from scoring.case import score_case
-from scoring.results import ControlCalibration, FovResult
+from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.scoring.case import score_case
+from her2scope.scoring.results import ControlCalibration, FovResult
 
 RowCol = tuple[float, float]
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -591,5 +591,3 @@ def _with_results(case: CaseState, folder: Path) -> tuple[CaseState, list[tuple[
             repaired.append((record.fov_id, problem))
         fovs.append(record)
     return case.model_copy(update={"fovs": tuple(fovs)}), repaired
-
-

@@ -31,8 +31,8 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from config.daemon import WatchdogConfig
-from daemon.frames import Frame, FrameSource, SourceError
+from her2scope.config.daemon import WatchdogConfig
+from her2scope.daemon.frames import Frame, FrameSource, SourceError
 
 __all__ = ["CameraState", "CameraStatus", "FrameGrabber"]
 

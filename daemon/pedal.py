@@ -33,7 +33,7 @@ from typing import Final, Protocol, Self
 
 import structlog
 
-from config.daemon import PedalConfig
+from her2scope.config.daemon import PedalConfig
 
 __all__ = [
     "FootPedal",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import zmq
 
-from daemon.protocol import Payload, Topic, _Model, encode
+from her2scope.daemon.protocol import Payload, Topic, _Model, encode
 
 #: Previews are never buffered: a late joiner wants the next frame, not old ones.
 _UNBUFFERED = frozenset({Topic.PREVIEW})

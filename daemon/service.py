@@ -30,13 +30,13 @@ import numpy as np
 import structlog
 import zmq
 
-from config.app import AppConfig
-from config.scoring import CaseRule, Guideline, Specimen
-from daemon import systemd
-from daemon.case_store import CaseError, CaseState, CaseStore, FovRecord, atomic_write, private_dir
-from daemon.frames import Frame, FrameSource
-from daemon.grabber import CameraState, CameraStatus, FrameGrabber
-from daemon.protocol import (
+from her2scope.config.app import AppConfig
+from her2scope.config.scoring import CaseRule, Guideline, Specimen
+from her2scope.daemon import systemd
+from her2scope.daemon.case_store import CaseError, CaseState, CaseStore, FovRecord, atomic_write, private_dir
+from her2scope.daemon.frames import Frame, FrameSource
+from her2scope.daemon.grabber import CameraState, CameraStatus, FrameGrabber
+from her2scope.daemon.protocol import (
     CaptureBody,
     CaseBody,
     Command,
@@ -51,10 +51,10 @@ from daemon.protocol import (
     Topic,
     parse_request,
 )
-from daemon.protocol import request_id as protocol_request_id
-from daemon.publisher import Publisher
-from daemon.stability import StabilityDetector, StabilityState, StabilityUpdate
-from daemon.worker import JobOverlay, JobResult, ScoreJob, ScoringWorker
+from her2scope.daemon.protocol import request_id as protocol_request_id
+from her2scope.daemon.publisher import Publisher
+from her2scope.daemon.stability import StabilityDetector, StabilityState, StabilityUpdate
+from her2scope.daemon.worker import JobOverlay, JobResult, ScoreJob, ScoringWorker
 
 log = structlog.get_logger(__name__)
 
@@ -102,7 +102,7 @@ class Daemon:
         self._stop = threading.Event()
         self._started_ms = _now_ms()
         if source is None:
-            from daemon.sources import open_source
+            from her2scope.daemon.sources import open_source
 
             source = open_source(daemon_config.camera, self.pixel_size_um)
         self.source = source
@@ -217,7 +217,7 @@ class Daemon:
         atomic_write(self.store.directory / "endpoints.json", json.dumps(document).encode())
 
     def _start_pedal(self) -> None:
-        from daemon.pedal import FootPedal, PedalError, TriggerKind
+        from her2scope.daemon.pedal import FootPedal, PedalError, TriggerKind
 
         def on_trigger(kind: TriggerKind) -> None:
             self._triggers.put(_Trigger("control" if kind == TriggerKind.CONTROL else "fov", "pedal", _now_ms()))
@@ -778,7 +778,7 @@ class Daemon:
         self.publisher.publish(Topic.RESULT, body, case_id=self._case_id())
 
     def _set_weak(self, args: dict[str, Any]) -> dict[str, Any]:
-        from scoring import weak_threshold_from_region
+        from her2scope.scoring import weak_threshold_from_region
 
         fov_id = _required_str(args, "fov_id")
         polygon = self._polygon(args.get("polygon"))
@@ -814,7 +814,7 @@ class Daemon:
         return {"fov_id": fov_id, "queued": 1}
 
     def _stage(self, args: dict[str, Any]) -> dict[str, Any]:
-        from daemon.simulator import SimulatedMicroscope
+        from her2scope.daemon.simulator import SimulatedMicroscope
 
         if not isinstance(self.source, SimulatedMicroscope):
             raise RequestError("stage commands need the simulated microscope (camera kind 'simulated')")

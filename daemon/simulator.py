@@ -47,10 +47,10 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.daemon import SimulatedCameraConfig
-from config.scoring import MAX_PIXEL_SIZE_UM, MIN_PIXEL_SIZE_UM
-from daemon.frames import Frame, SourceError
-from scoring.synthetic import (
+from her2scope.config.daemon import SimulatedCameraConfig
+from her2scope.config.scoring import MAX_PIXEL_SIZE_UM, MIN_PIXEL_SIZE_UM
+from her2scope.daemon.frames import Frame, SourceError
+from her2scope.scoring.synthetic import (
     DEFAULT_CELL_DIAMETER_UM,
     GLASS_LEVEL,
     HER2_CLASSES,

@@ -20,13 +20,13 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.daemon import (
+from her2scope.config.daemon import (
     CameraConfig,
     GigeCameraConfig,
     ReplayCameraConfig,
     UsbCameraConfig,
 )
-from daemon.frames import Frame, FrameSource, SourceError
+from her2scope.daemon.frames import Frame, FrameSource, SourceError
 
 __all__ = [
     "GENICAM_PIXEL_FORMATS",
@@ -683,7 +683,7 @@ def open_source(config: CameraConfig, pixel_size_um: float) -> FrameSource:
     if isinstance(config, ReplayCameraConfig):
         return ReplaySource(config)
     try:
-        simulator = importlib.import_module("daemon.simulator")
+        simulator = importlib.import_module("her2scope.daemon.simulator")
     except ImportError as error:
         raise SourceError(f"the simulated microscope is not available: {error}") from error
     source = simulator.SimulatedMicroscope(config, pixel_size_um)

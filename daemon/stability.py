@@ -53,8 +53,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.daemon import CaptureConfig
-from daemon.frames import Frame
+from her2scope.config.daemon import CaptureConfig
+from her2scope.daemon.frames import Frame
 
 __all__ = [
     "MAD_LIMIT_GREY",

@@ -25,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from config.scoring import CaseRule, ScoringParams
-from scoring.results import ControlCalibration, FovResult
+from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.scoring.results import ControlCalibration, FovResult
 
 log = structlog.get_logger(__name__)
 
@@ -118,8 +118,8 @@ def _serve_job(connection: Connection, header: dict[str, Any], image: npt.NDArra
     """Score one job and send its result, then (if asked) its overlay (in the worker process)."""
     import cv2
 
-    from scoring import analyse_fov, calibrate_from_control
-    from scoring.overlay import render_overlay
+    from her2scope.scoring import analyse_fov, calibrate_from_control
+    from her2scope.scoring.overlay import render_overlay
 
     start = time.perf_counter()
     reply: dict[str, Any] = {"job_id": header["job_id"], "type": "result", "calibration": None}
@@ -181,7 +181,7 @@ def _serve_job(connection: Connection, header: dict[str, Any], image: npt.NDArra
 
 def _worker_main(connection: Connection) -> None:
     """The worker process: say it is ready (imports done), then serve jobs until the pipe closes."""
-    import scoring.overlay  # noqa: F401  (imported before "ready", so the first job is not slow)
+    import her2scope.scoring.overlay  # noqa: F401  (imported before "ready", so the first job is not slow)
 
     try:
         connection.send_bytes(json.dumps({"type": "ready"}).encode())

@@ -3,10 +3,10 @@
 No I/O, logging, clocks or sockets here; the daemon and the clients do those.
 """
 
-from scoring.calibration import calibrate_from_control, weak_threshold_from_region
-from scoring.case import call_score, score_case
-from scoring.pipeline import FovAnalysis, analyse_fov, score_fov
-from scoring.results import (
+from her2scope.scoring.calibration import calibrate_from_control, weak_threshold_from_region
+from her2scope.scoring.case import call_score, score_case
+from her2scope.scoring.pipeline import FovAnalysis, analyse_fov, score_fov
+from her2scope.scoring.results import (
     CaseResult,
     Cell,
     ClassCounts,

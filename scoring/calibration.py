@@ -28,10 +28,10 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.scoring import CaseRule, MembraneMethod, ScoringParams
-from scoring.pipeline import RowCol, analyse_fov, polygon_mask, prepare, stain_masks
-from scoring.results import ClassCounts, ControlCalibration, Her2Score, MembranePattern, ThresholdSource
-from scoring.stains import ChannelOrder
+from her2scope.config.scoring import CaseRule, MembraneMethod, ScoringParams
+from her2scope.scoring.pipeline import RowCol, analyse_fov, polygon_mask, prepare, stain_masks
+from her2scope.scoring.results import ClassCounts, ControlCalibration, Her2Score, MembranePattern, ThresholdSource
+from her2scope.scoring.stains import ChannelOrder
 
 #: Fewer stained membrane pixels than this area cannot calibrate anything (a few cells' worth).
 _MIN_MEMBRANE_AREA_UM2 = 200.0

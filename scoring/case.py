@@ -47,8 +47,8 @@ from scipy.sparse import coo_array
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from config.scoring import CaseRule, Guideline, Specimen
-from scoring.results import (
+from her2scope.config.scoring import CaseRule, Guideline, Specimen
+from her2scope.scoring.results import (
     HER2_SCORES,
     CaseResult,
     Cell,

@@ -32,10 +32,10 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.scoring import Guideline
-from scoring.morphology import BoolArray
-from scoring.results import Her2Score, MembranePattern
-from scoring.stains import StainDensities
+from her2scope.config.scoring import Guideline
+from her2scope.scoring.morphology import BoolArray
+from her2scope.scoring.results import Her2Score, MembranePattern
+from her2scope.scoring.stains import StainDensities
 
 F64 = npt.NDArray[np.float64]
 F32 = npt.NDArray[np.float32]

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from scoring.morphology import BoolArray
+from her2scope.scoring.morphology import BoolArray
 
 _NO_CONTOUR = -1
 

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from scoring import morphology
-from scoring.morphology import BoolArray
+from her2scope.scoring import morphology
+from her2scope.scoring.morphology import BoolArray
 
 
 def smooth_haematoxylin(haematoxylin_od: npt.NDArray[np.float32], radius_px: float) -> npt.NDArray[np.float32]:

@@ -24,12 +24,12 @@ import numpy as np
 import numpy.typing as npt
 from skimage.morphology import skeletonize
 
-from config.scoring import Guideline, Specimen
-from scoring.case import GUIDELINE_SOURCES
-from scoring.cells import ring_points
-from scoring.morphology import BoolArray, sample
-from scoring.pipeline import FovAnalysis
-from scoring.results import CaseResult, FovResult, Her2Score
+from her2scope.config.scoring import Guideline, Specimen
+from her2scope.scoring.case import GUIDELINE_SOURCES
+from her2scope.scoring.cells import ring_points
+from her2scope.scoring.morphology import BoolArray, sample
+from her2scope.scoring.pipeline import FovAnalysis
+from her2scope.scoring.results import CaseResult, FovResult, Her2Score
 
 RGB = tuple[int, int, int]
 

@@ -36,14 +36,14 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.scoring import MAX_PIXEL_SIZE_UM, MIN_PIXEL_SIZE_UM, CaseRule, MembraneMethod, ScoringParams
-from scoring import cells as cells_module
-from scoring import morphology, nuclei, stains
-from scoring.case import NO_CONTROL_WARNING, call_score, cluster_sizes
-from scoring.membranes import CompleteMembranes, cell_area_bounds_px, complete_membranes
-from scoring.morphology import BoolArray
-from scoring.results import Cell, ClassCounts, ControlCalibration, FovResult, Her2Score, ThresholdSource
-from scoring.stains import ChannelOrder
+from her2scope.config.scoring import MAX_PIXEL_SIZE_UM, MIN_PIXEL_SIZE_UM, CaseRule, MembraneMethod, ScoringParams
+from her2scope.scoring import cells as cells_module
+from her2scope.scoring import morphology, nuclei, stains
+from her2scope.scoring.case import NO_CONTROL_WARNING, call_score, cluster_sizes
+from her2scope.scoring.membranes import CompleteMembranes, cell_area_bounds_px, complete_membranes
+from her2scope.scoring.morphology import BoolArray
+from her2scope.scoring.results import Cell, ClassCounts, ControlCalibration, FovResult, Her2Score, ThresholdSource
+from her2scope.scoring.stains import ChannelOrder
 
 #: The tumour region is a coarse shape; it is computed at about this pixel size.
 _REGION_PIXEL_SIZE_UM = 2.0

@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from config.scoring import Guideline, Specimen
+from her2scope.config.scoring import Guideline, Specimen
 
 
 class Her2Score(StrEnum):

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.scoring import StainVectors
+from her2scope.config.scoring import StainVectors
 
 Vector3 = tuple[float, float, float]
 ChannelOrder = Literal["RGB", "BGR"]

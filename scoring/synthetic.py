@@ -47,9 +47,9 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
-from config.scoring import StainVectors
-from scoring.stains import Vector3
-from scoring.stains import stain_matrix as scorer_stain_matrix
+from her2scope.config.scoring import StainVectors
+from her2scope.scoring.stains import Vector3
+from her2scope.scoring.stains import stain_matrix as scorer_stain_matrix
 
 __all__ = [
     "CELL_GAP_UM",

@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from config.scoring import MembraneMethod, ScoringParams
-from scoring import ControlCalibration, calibrate_from_control
-from scoring.synthetic import SyntheticFov, render_control, render_fov
+from her2scope.config.scoring import MembraneMethod, ScoringParams
+from her2scope.scoring import ControlCalibration, calibrate_from_control
+from her2scope.scoring.synthetic import SyntheticFov, render_control, render_fov
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from config.scoring import ScoringParams
+from her2scope.config.scoring import ScoringParams
 
 
 def _load_bench() -> ModuleType:

@@ -7,9 +7,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from config.scoring import CaseRule
-from scoring.case import NO_CONTROL_WARNING, call_score, score_case
-from scoring.results import (
+from her2scope.config.scoring import CaseRule
+from her2scope.scoring.case import NO_CONTROL_WARNING, call_score, score_case
+from her2scope.scoring.results import (
     ClassCounts,
     ControlCalibration,
     FovResult,

@@ -15,10 +15,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from config.scoring import CaseRule, ScoringParams
-from daemon import case_store
-from daemon.case_store import CaseError, CaseState, CaseStore
-from scoring import ControlCalibration, FovResult, calibrate_from_control, score_case, score_fov
+from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.daemon import case_store
+from her2scope.daemon.case_store import CaseError, CaseState, CaseStore
+from her2scope.scoring import ControlCalibration, FovResult, calibrate_from_control, score_case, score_fov
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 PARAMS = ScoringParams()

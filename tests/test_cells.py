@@ -15,11 +15,11 @@ from functools import cache
 import numpy as np
 import pytest
 
-from config.scoring import CaseRule, Guideline, MembraneMethod, ScoringParams
-from scoring import FovResult, Her2Score, Her2Status, analyse_fov, calibrate_from_control, score_fov
-from scoring.cells import N_RAYS, NucleusScale, Rings, classify_cells, membrane_patterns, nucleus_anisotropy
-from scoring.results import MembranePattern
-from scoring.synthetic import SyntheticFov, render_control, render_fov, render_hard_control, render_hard_fov
+from her2scope.config.scoring import CaseRule, Guideline, MembraneMethod, ScoringParams
+from her2scope.scoring import FovResult, Her2Score, Her2Status, analyse_fov, calibrate_from_control, score_fov
+from her2scope.scoring.cells import N_RAYS, NucleusScale, Rings, classify_cells, membrane_patterns, nucleus_anisotropy
+from her2scope.scoring.results import MembranePattern
+from her2scope.scoring.synthetic import SyntheticFov, render_control, render_fov, render_hard_control, render_hard_fov
 from tests.conftest import CONTOUR_METHOD, PIXEL_SIZE_40X, match_cells
 
 PER_CELL = ScoringParams()
@@ -345,7 +345,7 @@ def drawn_cell(arc_degrees: tuple[float, float] | None, od: float, gap_degrees: 
 
 def measure(image: np.ndarray, intense: float = 0.5, neighbours: tuple[tuple[float, float], ...] = ()) -> Rings:
     """The rays of the cell at (60, 60) of ``image`` (0.5 µm/px), whose territory ``neighbours``' nuclei bound."""
-    from scoring.cells import measure_rings
+    from her2scope.scoring.cells import measure_rings
 
     centres = np.array([[60.0, 60.0], *neighbours])
     return measure_rings(
@@ -408,7 +408,7 @@ def test_rays_stop_at_the_neighbours_territory() -> None:
 def test_territory_limits_are_where_a_ray_leaves_its_cell(margin_px: float) -> None:
     """Each ray ends where its point becomes ``margin`` farther from its own nucleus than from another one: checked
     against every nucleus of a crowded random field (a cell's nearest twenty neighbours must be enough)."""
-    from scoring.cells import ray_directions, territory_limits
+    from her2scope.scoring.cells import ray_directions, territory_limits
 
     rng = np.random.default_rng(7)
     nuclei = np.unique(np.rint(rng.uniform(0, 200, size=(400, 2))), axis=0)  # ~10 px apart: a crowded sheet

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from clients.cli import app
+from her2scope.clients.cli import app
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 HER2_0 = SAMPLES / "her2_0.jpg"
@@ -233,7 +233,7 @@ def test_table_output() -> None:
 
 def test_subprocess_console_script(tmp_path: Path) -> None:
     script = shutil.which("her2scope", path=str(Path(sys.executable).parent))
-    command = [script] if script else [sys.executable, "-m", "clients.cli"]
+    command = [script] if script else [sys.executable, "-m", "her2scope"]
     completed = subprocess.run(
         [*command, "score", "--json", str(HER2_3PLUS), "--control", str(CONTROL)],
         capture_output=True,
@@ -251,7 +251,7 @@ def test_subprocess_console_script(tmp_path: Path) -> None:
 def test_subprocess_module_error_exit_code(tmp_path: Path) -> None:
     missing = tmp_path / "absent.png"
     completed = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "score", str(missing)],
+        [sys.executable, "-m", "her2scope", "score", str(missing)],
         capture_output=True,
         text=True,
         timeout=120,

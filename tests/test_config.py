@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from config.app import AppConfig, ConfigError, OpticsConfig, default_config_text, load_config
-from config.scoring import CaseRule, ScoringParams, StainVectors
+from her2scope.config.app import AppConfig, ConfigError, OpticsConfig, default_config_text, load_config
+from her2scope.config.scoring import CaseRule, ScoringParams, StainVectors
 
 
 def write(tmp_path: Path, text: str, name: str = "her2scope.toml") -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.protocol import Topic
+from her2scope.daemon.protocol import Topic
 from tests.test_daemon_e2e import CONFIG, Daemon, next_message, wait_for
 
 
@@ -32,7 +32,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def ctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
     config = daemon.state.parent / "config.toml"
     return subprocess.run(
-        [sys.executable, "-m", "clients.cli", "ctl", *args, "--config", str(config)],
+        [sys.executable, "-m", "her2scope", "ctl", *args, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -75,7 +75,7 @@ def test_no_daemon_exits_3_and_bad_config_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[daemon.zmq]\ncontrol = "tcp://127.0.0.1:9"\n[daemon.state]\ndirectory = "{tmp_path}"\n')
     done = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "ctl", "status", "--config", str(config), "--timeout-ms", "300"],
+        [sys.executable, "-m", "her2scope", "ctl", "status", "--config", str(config), "--timeout-ms", "300"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -83,7 +83,7 @@ def test_no_daemon_exits_3_and_bad_config_exits_2(tmp_path: Path) -> None:
     assert done.returncode == 3 and "is the daemon running?" in done.stderr
     config.write_text("[daemon.zmq]\nheartbeat_ms = -1\n")
     done = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "ctl", "status", "--config", str(config)],
+        [sys.executable, "-m", "her2scope", "ctl", "status", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

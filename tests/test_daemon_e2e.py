@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from clients.control import ControlClient, ControlError, Subscriber, read_endpoints
-from daemon.protocol import Message, Topic
+from her2scope.clients.control import ControlClient, ControlError, Subscriber, read_endpoints
+from her2scope.daemon.protocol import Message, Topic
 from tests.conftest import die_with_parent
 
 CONFIG = """
@@ -79,7 +79,7 @@ class Daemon:
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "clients.cli", "daemon", "--config", str(config_path), "--json-logs"],
+            [sys.executable, "-m", "her2scope", "daemon", "--config", str(config_path), "--json-logs"],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
@@ -435,7 +435,7 @@ def test_bad_daemon_configurations_exit_with_a_clear_message(tmp_path: Path, con
     config = tmp_path / "config.toml"
     config.write_text(config_text + f'\n[daemon.state]\ndirectory = "{tmp_path / "state"}"\n')
     done = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "daemon", "--config", str(config), "--json-logs"],
+        [sys.executable, "-m", "her2scope", "daemon", "--config", str(config), "--json-logs"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.control import ControlError
-from daemon.protocol import Topic
+from her2scope.clients.control import ControlError
+from her2scope.daemon.protocol import Topic
 from tests.test_daemon_e2e import Daemon, next_message, running_daemon, wait_for
 
 
@@ -85,8 +85,8 @@ def test_a_gastric_biopsy_case_is_reported_scored_and_resumed_with_its_guideline
 
 
 def test_an_old_saved_case_without_a_guideline_resumes_with_the_configurations(tmp_path: Path) -> None:
-    from config.scoring import CaseRule, Guideline, ScoringParams, Specimen
-    from daemon.case_store import CaseStore
+    from her2scope.config.scoring import CaseRule, Guideline, ScoringParams, Specimen
+    from her2scope.daemon.case_store import CaseStore
 
     store = CaseStore(tmp_path)
     store.start(ScoringParams(), CaseRule(), case_id="old-case")

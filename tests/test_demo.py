@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_demo(out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "clients.cli", "demo", "--out", str(out), "--fields", "3", *extra],
+        [sys.executable, "-m", "her2scope", "demo", "--out", str(out), "--fields", "3", *extra],
         capture_output=True,
         text=True,
         timeout=240,

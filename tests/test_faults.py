@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from daemon.protocol import ProtocolError, Reply, parse_request, request_id
+from her2scope.daemon.protocol import ProtocolError, Reply, parse_request, request_id
 from tests.test_daemon_e2e import Daemon, running_daemon, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def test_a_deeply_nested_roi_file_is_an_input_error(tmp_path: Path) -> None:
     roi = tmp_path / "roi.json"
     roi.write_bytes(DEEP)
     done = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "score", str(ROOT / "samples" / "her2_0.jpg"), "--roi", str(roi)],
+        [sys.executable, "-m", "her2scope", "score", str(ROOT / "samples" / "her2_0.jpg"), "--roi", str(roi)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -93,7 +93,7 @@ def _polygon(n: int) -> list[list[float]]:
 
 
 def test_a_polygon_with_too_many_vertices_is_refused(daemon: Daemon) -> None:
-    from clients.control import ControlError
+    from her2scope.clients.control import ControlError
 
     fov_id = daemon.control.call("snapshot")["case"]["fovs"][0]["fov_id"]
     with pytest.raises(ControlError, match="'polygon' has 10001 vertices; the limit is 10000"):
@@ -142,8 +142,8 @@ def _crashed_case(state: Path) -> None:
     fov-001 never reached the disk, fov-003's is torn, fov-002's is whole."""
     import numpy as np
 
-    from config.scoring import CaseRule, ScoringParams
-    from daemon.case_store import CaseStore
+    from her2scope.config.scoring import CaseRule, ScoringParams
+    from her2scope.daemon.case_store import CaseStore
 
     store = CaseStore(state)
     store.start(ScoringParams(), CaseRule(), case_id="crashed")
@@ -210,8 +210,8 @@ def test_a_case_that_cannot_be_read_is_set_aside_once(tmp_path: Path) -> None:
 def test_the_audit_trail_is_bounded(tmp_path: Path) -> None:
     import numpy as np
 
-    from config.scoring import CaseRule, ScoringParams
-    from daemon.case_store import CaseError, CaseStore
+    from her2scope.config.scoring import CaseRule, ScoringParams
+    from her2scope.daemon.case_store import CaseError, CaseStore
 
     store = CaseStore(tmp_path, max_audit_entries=4)
     store.start(ScoringParams(), CaseRule(), case_id="audited")
@@ -262,8 +262,8 @@ def test_daemon_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("umask", [0o000, 0o277])
 def test_recorder_files_are_private_whatever_the_umask(tmp_path: Path, umask: int) -> None:
-    from clients.recorder.documents import DescriptorDoc
-    from clients.recorder.folder import CaseFolder
+    from her2scope.clients.recorder.documents import DescriptorDoc
+    from her2scope.clients.recorder.folder import CaseFolder
 
     previous = os.umask(umask)
     try:
@@ -352,7 +352,7 @@ def _png_declaring(path: Path, width: int, height: int) -> Path:
 
 
 def _score(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "clients.cli", "score", *map(str, args)]
+    command = [sys.executable, "-m", "her2scope", "score", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 

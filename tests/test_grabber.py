@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from config.daemon import ReplayCameraConfig, UsbCameraConfig, WatchdogConfig
-from daemon.frames import Frame, FrameSource, SourceError
-from daemon.grabber import CameraState, CameraStatus, FrameGrabber
-from daemon.sources import ReplaySource, UsbCamera
+from her2scope.config.daemon import ReplayCameraConfig, UsbCameraConfig, WatchdogConfig
+from her2scope.daemon.frames import Frame, FrameSource, SourceError
+from her2scope.daemon.grabber import CameraState, CameraStatus, FrameGrabber
+from her2scope.daemon.sources import ReplaySource, UsbCamera
 
 WATCHDOG = WatchdogConfig(frame_timeout_ms=200.0, frozen_frames=5, reopen_interval_ms=30.0)
 WAIT_S = 3.0

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from config.app import ConfigError, load_config
-from config.scoring import CaseRule, Guideline, Specimen
-from scoring.case import call_score, cluster_sizes, score_case
-from scoring.results import Cell, ClassCounts, FovResult, Her2Score, Her2Status, ThresholdSource
+from her2scope.config.app import ConfigError, load_config
+from her2scope.config.scoring import CaseRule, Guideline, Specimen
+from her2scope.scoring.case import call_score, cluster_sizes, score_case
+from her2scope.scoring.results import Cell, ClassCounts, FovResult, Her2Score, Her2Status, ThresholdSource
 
 GASTRIC = CaseRule(guideline=Guideline.GASTRIC, min_tumour_cells=1)
 BIOPSY = CaseRule(guideline=Guideline.GASTRIC, specimen=Specimen.BIOPSY)
@@ -254,7 +254,7 @@ def test_bad_guideline_settings_are_named(tmp_path: Path, text: str, expected: s
 
 
 def test_the_overlay_panel_names_the_rule_and_a_biopsys_clusters() -> None:
-    from scoring.overlay import panel_lines
+    from her2scope.scoring.overlay import panel_lines
 
     biopsy = fov([*sea_of_zero(), *nest(7, Her2Score.THREE_PLUS, (1000.0, 0.0))], BIOPSY)
     texts = [text for text, _ in panel_lines(biopsy)]

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from clients.images import InputError, read_rgb, read_roi, write_rgb
+from her2scope.clients.images import InputError, read_rgb, read_roi, write_rgb
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from scoring import morphology
-from scoring.membranes import cell_area_bounds_px, complete_membranes
+from her2scope.scoring import morphology
+from her2scope.scoring.membranes import cell_area_bounds_px, complete_membranes
 
 AREA = (50.0, 5000.0)
 
@@ -114,7 +114,7 @@ def test_remove_small_drops_specks_only() -> None:
 
 
 def test_polygon_areas_and_centroids_match_opencv_moments() -> None:
-    from scoring.membranes import _polygon_areas_and_centroids
+    from her2scope.scoring.membranes import _polygon_areas_and_centroids
 
     rng = np.random.default_rng(0)
     contours = []

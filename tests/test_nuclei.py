@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from scoring import nuclei
+from her2scope.scoring import nuclei
 
 
 def blobs(centres: list[tuple[int, int]], shape=(200, 200), radius=6, od=0.6) -> np.ndarray:

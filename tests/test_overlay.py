@@ -12,10 +12,10 @@ import numpy.typing as npt
 import pytest
 from skimage.morphology import skeletonize
 
-from config.scoring import CaseRule, ScoringParams
-from scoring import FovAnalysis, Her2Score, analyse_fov, score_case
-from scoring.case import NO_CONTROL_WARNING
-from scoring.overlay import (
+from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.scoring import FovAnalysis, Her2Score, analyse_fov, score_case
+from her2scope.scoring.case import NO_CONTROL_WARNING
+from her2scope.scoring.overlay import (
     CLASS_COLOURS,
     COMPLETE_WEAK_COLOUR,
     EXCLUDED_COLOUR,
@@ -29,7 +29,7 @@ from scoring.overlay import (
     panel_lines,
     render_overlay,
 )
-from scoring.synthetic import SyntheticCell, SyntheticFov, blank_fov
+from her2scope.scoring.synthetic import SyntheticCell, SyntheticFov, blank_fov
 from tests.conftest import CONTOUR_METHOD, PIXEL_SIZE_40X, synthetic_control, synthetic_fov
 
 PIXEL_SIZE_20X = 0.5

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from config.daemon import PedalConfig
-from daemon.pedal import (
+from her2scope.config.daemon import PedalConfig
+from her2scope.daemon.pedal import (
     EV_KEY,
     FootPedal,
     KeyEvent,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from config.scoring import ScoringParams
-from scoring import Her2Score, ThresholdSource, analyse_fov, calibrate_from_control, score_fov
-from scoring.case import NO_CONTROL_WARNING
-from scoring.synthetic import blank_fov, render_fov
+from her2scope.config.scoring import ScoringParams
+from her2scope.scoring import Her2Score, ThresholdSource, analyse_fov, calibrate_from_control, score_fov
+from her2scope.scoring.case import NO_CONTROL_WARNING
+from her2scope.scoring.synthetic import blank_fov, render_fov
 from tests.conftest import PIXEL_SIZE_40X, match_cells, synthetic_control, synthetic_fov
 
 CLASSES = ("0", "1+", "2+", "3+")
@@ -214,7 +214,7 @@ def test_real_tma_crops_score_as_the_pathologist_did(sample) -> None:  # type: i
 
 
 def test_weak_threshold_from_a_region_of_weak_staining() -> None:
-    from scoring import weak_threshold_from_region
+    from her2scope.scoring import weak_threshold_from_region
 
     fov = render_fov((540, 960), PIXEL_SIZE_40X, {"1+": 1.0}, seed=2)
     whole = [(0.0, 0.0), (0.0, 959.0), (539.0, 959.0), (539.0, 0.0)]
@@ -235,8 +235,8 @@ CASES = {
 @pytest.mark.parametrize("batch_strength", [0.7, 1.3])
 @pytest.mark.parametrize("expected", list(CASES))
 def test_case_score_over_several_fovs_across_batches(expected: Her2Score, batch_strength: float) -> None:
-    from config.scoring import CaseRule
-    from scoring import score_case
+    from her2scope.config.scoring import CaseRule
+    from her2scope.scoring import score_case
 
     control = synthetic_control(batch_strength)
     fovs = [synthetic_fov(CASES[expected], batch_strength, seed=seed) for seed in (21, 22, 23)]
@@ -251,7 +251,7 @@ def test_case_score_over_several_fovs_across_batches(expected: Her2Score, batch_
 
 
 def test_control_calibrated_from_a_chosen_region() -> None:
-    from scoring.synthetic import render_control
+    from her2scope.scoring.synthetic import render_control
 
     control = render_control(pixel_size_um=PIXEL_SIZE_40X, seed=11)
     whole = calibrate_from_control(control.rgb, PIXEL_SIZE_40X)

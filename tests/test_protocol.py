@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from daemon.protocol import (
+from her2scope.daemon.protocol import (
     PROTOCOL_VERSION,
     CaptureBody,
     CaseBody,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from daemon.protocol import (
+from her2scope.daemon.protocol import (
     CaptureBody,
     Command,
     Header,

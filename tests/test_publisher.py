@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from daemon.protocol import CaptureBody, Message, OverlayBody, Payload, PreviewBody, StatusBody, Topic, decode
-from daemon.publisher import Publisher
+from her2scope.daemon.protocol import CaptureBody, Message, OverlayBody, Payload, PreviewBody, StatusBody, Topic, decode
+from her2scope.daemon.publisher import Publisher
 
 RECEIVE_TIMEOUT_MS = 2000
 JOIN_DEADLINE_S = 5.0

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from clients.control import ControlError
+from her2scope.clients.control import ControlError
 from tests.conftest import die_with_parent
 from tests.test_daemon_e2e import CONFIG, Daemon, arrive, json_lines, wait_for
 
@@ -37,7 +37,7 @@ class RecorderProcess:
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
         self.process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "clients.cli", "record", "--config", str(config), "--out", str(out)),
+                *(sys.executable, "-m", "her2scope", "record", "--config", str(config), "--out", str(out)),
                 *("--daemon-state", str(state), "--json-logs"),
             ],
             stdout=self.log,
@@ -98,8 +98,8 @@ class Setup:
 
     def in_process_recorder(self, out: Path, *, with_daemon_state: bool = True, **options: Any) -> Any:
         """A Recorder object driven by the test (``step``), following this setup's daemon."""
-        from clients.recorder import Recorder
-        from config.scoring import CaseRule, ScoringParams
+        from her2scope.clients.recorder import Recorder
+        from her2scope.config.scoring import CaseRule, ScoringParams
 
         daemon = self.daemon
         if with_daemon_state:
@@ -323,7 +323,7 @@ def test_a_torn_last_line_is_truncated_on_restart(setup: Setup) -> None:
         docs = wait_for_docs(case_dir, has_stop, "the stop document")
     finally:
         assert recorder.stop() == 0
-    from clients.recorder import read_log
+    from her2scope.clients.recorder import read_log
 
     parsed, end = read_log(case_dir / "events.jsonl")
     assert end == (case_dir / "events.jsonl").stat().st_size and len(parsed) == len(docs)
@@ -334,7 +334,7 @@ def test_a_torn_last_line_is_truncated_on_restart(setup: Setup) -> None:
 def test_a_full_disk_is_reported_and_corrupts_nothing(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     from structlog.testing import capture_logs
 
-    from clients.recorder import folder as folder_module  # where bytes reach the disk
+    from her2scope.clients.recorder import folder as folder_module  # where bytes reach the disk
 
     daemon = setup.daemon
     out = setup.root / "disk-cases"

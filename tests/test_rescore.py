@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from clients.cli import app
+from her2scope.clients.cli import app
 from tests.test_recorder import ROI, Setup, capture, has_stop, read_docs, settled, start_daemon_setup, wait_for_docs
 
 runner = CliRunner()

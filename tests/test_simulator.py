@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from config.daemon import SimulatedCameraConfig, SimulatedFaults
-from daemon.frames import Frame, FrameSource, SourceError
-from daemon.simulator import SimulatedMicroscope, StageState, StageStatus
-from scoring import score_fov
+from her2scope.config.daemon import SimulatedCameraConfig, SimulatedFaults
+from her2scope.daemon.frames import Frame, FrameSource, SourceError
+from her2scope.daemon.simulator import SimulatedMicroscope, StageState, StageStatus
+from her2scope.scoring import score_fov
 
 PIXEL_SIZE = 0.5
 FPS = 30.0

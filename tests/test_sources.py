@@ -12,14 +12,14 @@ import cv2
 import numpy as np
 import pytest
 
-from config.daemon import (
+from her2scope.config.daemon import (
     GigeCameraConfig,
     ReplayCameraConfig,
     SimulatedCameraConfig,
     UsbCameraConfig,
 )
-from daemon.frames import Frame, FrameSource, SourceError
-from daemon.sources import (
+from her2scope.daemon.frames import Frame, FrameSource, SourceError
+from her2scope.daemon.sources import (
     GENICAM_PIXEL_FORMATS,
     GigeCamera,
     ReplaySource,
@@ -540,9 +540,9 @@ def test_open_source_builds_the_simulated_microscope(monkeypatch: pytest.MonkeyP
 
         def close(self) -> None: ...
 
-    module = types.ModuleType("daemon.simulator")
+    module = types.ModuleType("her2scope.daemon.simulator")
     module.SimulatedMicroscope = SimulatedMicroscope  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "daemon.simulator", module)
+    monkeypatch.setitem(sys.modules, "her2scope.daemon.simulator", module)
     config = SimulatedCameraConfig()
     source = open_source(config, 0.25)
     assert isinstance(source, SimulatedMicroscope)

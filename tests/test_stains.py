@@ -7,8 +7,8 @@ import pytest
 from skimage import data
 from skimage.color import hdx_from_rgb, separate_stains
 
-from config.scoring import StainVectors
-from scoring import stains
+from her2scope.config.scoring import StainVectors
+from her2scope.scoring import stains
 
 H = (0.650, 0.704, 0.286)
 DAB = (0.268, 0.570, 0.776)

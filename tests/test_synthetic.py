@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from scoring.synthetic import (
+from her2scope.scoring.synthetic import (
     GLASS_LEVEL,
     HER2_CLASSES,
     MEMBRANE_DAB_OD,

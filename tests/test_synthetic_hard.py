@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from scoring.synthetic import (
+from her2scope.scoring.synthetic import (
     FIBROBLAST_LENGTH_UM,
     FIBROBLAST_WIDTH_UM,
     GLASS_LEVEL,

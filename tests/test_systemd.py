@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import systemd
+from her2scope.daemon import systemd
 from tests.test_daemon_e2e import CONFIG, Daemon
 
 

@@ -27,9 +27,9 @@ import cv2
 import numpy as np
 import pytest
 
-from clients import viewer
-from clients.viewer import Click, ImageFetched, Quit, Send, Snapshot, Tick, ViewerState, apply, press, render
-from daemon.protocol import (
+from her2scope.clients import viewer
+from her2scope.clients.viewer import Click, ImageFetched, Quit, Send, Snapshot, Tick, ViewerState, apply, press, render
+from her2scope.daemon.protocol import (
     CaptureBody,
     CaseBody,
     Message,
@@ -41,7 +41,7 @@ from daemon.protocol import (
     Topic,
     encode,
 )
-from scoring.overlay import LAYER_NAMES
+from her2scope.scoring.overlay import LAYER_NAMES
 from tests.conftest import die_with_parent
 from tests.test_daemon_e2e import CONFIG, DEADLINE_S, Daemon, arrive, next_message, wait_for
 
@@ -679,7 +679,7 @@ def test_the_viewer_follows_a_control_capture(driven: Driven, daemon: Daemon) ->
     assert "positive control" in viewer.fov_details(driven.state)[3][0]
 
 
-VIEW_COMMAND = (sys.executable, "-m", "clients.cli", "view")
+VIEW_COMMAND = (sys.executable, "-m", "her2scope", "view")
 
 
 def test_the_headless_command_writes_frames(daemon: Daemon, tmp_path: Path) -> None:

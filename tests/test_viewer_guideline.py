@@ -3,8 +3,8 @@ bar shows the open case's rule (pure reducer tests, no daemon)."""
 
 from __future__ import annotations
 
-from clients import viewer
-from clients.viewer import Send, apply, press
+from her2scope.clients import viewer
+from her2scope.clients.viewer import Send, apply, press
 from tests.test_viewer import Daemonish, connected
 
 
@@ -51,6 +51,6 @@ def test_the_status_bar_shows_the_open_cases_rule_and_a_different_pick() -> None
 
 
 def test_the_key_help_names_the_guideline_key() -> None:
-    from clients.viewer.content import footer_segments
+    from her2scope.clients.viewer.content import footer_segments
 
     assert ("g", "guideline") in footer_segments()

@@ -18,10 +18,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from config.scoring import CaseRule, ScoringParams
-from daemon.worker import JobOverlay, JobResult, Outcome, ScoreJob, ScoringWorker, WorkerState
-from scoring import ControlCalibration, analyse_fov, calibrate_from_control, score_fov
-from scoring.overlay import LAYER_NAMES, render_overlay
+from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.daemon.worker import JobOverlay, JobResult, Outcome, ScoreJob, ScoringWorker, WorkerState
+from her2scope.scoring import ControlCalibration, analyse_fov, calibrate_from_control, score_fov
+from her2scope.scoring.overlay import LAYER_NAMES, render_overlay
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 PIXEL_SIZE_UM = 0.25

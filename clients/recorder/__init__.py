@@ -8,7 +8,7 @@
   turning the daemon's messages into documents and files.
 """
 
-from clients.recorder.documents import (
+from her2scope.clients.recorder.documents import (
     CLASSES,
     DOCUMENT,
     FOV_DATA_KEYS,
@@ -26,7 +26,7 @@ from clients.recorder.documents import (
     document_schema,
     fov_data,
 )
-from clients.recorder.folder import (
+from her2scope.clients.recorder.folder import (
     EVENTS_FILE,
     REPORT_FILE,
     SCHEMA_FILE,
@@ -36,7 +36,7 @@ from clients.recorder.folder import (
     atomic_write,
     read_log,
 )
-from clients.recorder.follow import TOPICS, LoopState, Recorder, compose_overlay
+from her2scope.clients.recorder.follow import TOPICS, LoopState, Recorder, compose_overlay
 
 __all__ = [
     "CLASSES",

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from config.scoring import CaseRule, ScoringParams
-from scoring.results import ControlCalibration
+from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.scoring.results import ControlCalibration
 
 SCHEMA_VERSION = 1
 CLASSES = ("0", "1+", "2+", "3+")

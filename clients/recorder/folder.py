@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from clients.recorder.documents import DOCUMENT, ActionDoc, EventDoc, Run, StopDoc, document_schema
+from her2scope.clients.recorder.documents import DOCUMENT, ActionDoc, EventDoc, Run, StopDoc, document_schema
 
 log = structlog.get_logger(__name__)
 

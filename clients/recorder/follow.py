@@ -21,11 +21,20 @@ from typing import Any, Literal
 import structlog
 import zmq
 
-from clients.control import ControlClient, ControlError, Subscriber
-from clients.recorder.documents import compose_start, fov_data
-from clients.recorder.folder import REPORT_FILE, STATE_FILE, CaseFolder, _private_dir
-from config.scoring import CaseRule, ScoringParams
-from daemon.protocol import CaseBody, Message, OverlayBody, ProtocolError, ResultBody, StatusBody, Topic, decode
+from her2scope.clients.control import ControlClient, ControlError, Subscriber
+from her2scope.clients.recorder.documents import compose_start, fov_data
+from her2scope.clients.recorder.folder import REPORT_FILE, STATE_FILE, CaseFolder, _private_dir
+from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.daemon.protocol import (
+    CaseBody,
+    Message,
+    OverlayBody,
+    ProtocolError,
+    ResultBody,
+    StatusBody,
+    Topic,
+    decode,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -513,7 +522,7 @@ class Recorder:
         log.info("case_recorded", case_id=folder.case_id, score=stop.score, exit_status=stop.exit_status)
 
     def _flush_reports(self) -> None:
-        from clients.report import write_report
+        from her2scope.clients.report import write_report
 
         for case_id in sorted(self._dirty):
             folder = self.folders.get(case_id)
@@ -531,7 +540,7 @@ def compose_overlay(image_png: bytes | None, layers: dict[str, bytes], width: in
     import cv2
     import numpy as np
 
-    from scoring.overlay import DEFAULT_LAYERS, compose
+    from her2scope.scoring.overlay import DEFAULT_LAYERS, compose
 
     bgr = cv2.imdecode(np.frombuffer(image_png, np.uint8), cv2.IMREAD_COLOR) if image_png else None
     rgb: Any = np.full((height, width, 3), 200, np.uint8)

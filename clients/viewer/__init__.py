@@ -23,8 +23,8 @@ The modules import one another in this order only: ``palette``, ``geometry`` -> 
 ``render`` -> ``link`` -> ``app``. This package re-exports their public names.
 """
 
-from clients.viewer.app import WINDOW_TITLE, has_display, parse_size, run_headless, run_window
-from clients.viewer.content import (
+from her2scope.clients.viewer.app import WINDOW_TITLE, has_display, parse_size, run_headless, run_window
+from her2scope.clients.viewer.content import (
     Line,
     TableRow,
     fov_details,
@@ -34,7 +34,7 @@ from clients.viewer.content import (
     status_segments,
     terminal_summary,
 )
-from clients.viewer.geometry import (
+from her2scope.clients.viewer.geometry import (
     DEFAULT_SIZE,
     Layout,
     Rect,
@@ -45,10 +45,10 @@ from clients.viewer.geometry import (
     image_area,
     layout,
 )
-from clients.viewer.link import DaemonLink, Endpoints, resolve_endpoints
-from clients.viewer.palette import CLASS_BGR, DRAW
-from clients.viewer.render import render
-from clients.viewer.state import (
+from her2scope.clients.viewer.link import DaemonLink, Endpoints, resolve_endpoints
+from her2scope.clients.viewer.palette import CLASS_BGR, DRAW
+from her2scope.clients.viewer.render import render
+from her2scope.clients.viewer.state import (
     KEY_BACKSPACE,
     KEY_DELETE,
     KEY_ENTER,

@@ -10,10 +10,10 @@ from typing import Any
 
 import cv2
 
-from clients.viewer.geometry import DEFAULT_SIZE, Size
-from clients.viewer.link import DaemonLink
-from clients.viewer.render import render
-from clients.viewer.state import Click, Hover, ViewerState, apply, press
+from her2scope.clients.viewer.geometry import DEFAULT_SIZE, Size
+from her2scope.clients.viewer.link import DaemonLink
+from her2scope.clients.viewer.render import render
+from her2scope.clients.viewer.state import Click, Hover, ViewerState, apply, press
 
 
 def has_display() -> bool:

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from clients.viewer.palette import ACCENT, BAD, BGR, CLASS_BGR, GOOD, MUTED, STABILITY_COLOURS, TEXT, WARN
-from clients.viewer.state import (
+from her2scope.clients.viewer.palette import ACCENT, BAD, BGR, CLASS_BGR, GOOD, MUTED, STABILITY_COLOURS, TEXT, WARN
+from her2scope.clients.viewer.state import (
     SILENT_INTERVALS,
     ViewerState,
     case_entry,
@@ -18,7 +18,7 @@ from clients.viewer.state import (
     rule_text,
     silence_s,
 )
-from scoring.results import Her2Score
+from her2scope.scoring.results import Her2Score
 
 HELP: tuple[tuple[str, str], ...] = (
     ("space", "capture"),

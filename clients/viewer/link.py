@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import zmq
 
-from clients.control import ControlClient, ControlError, read_endpoints
-from clients.viewer.state import (
+from her2scope.clients.control import ControlClient, ControlError, read_endpoints
+from her2scope.clients.viewer.state import (
     Action,
     ImageFetched,
     Quit,
@@ -28,7 +28,7 @@ from clients.viewer.state import (
     image_wanted,
     with_notice,
 )
-from daemon.protocol import Message, OverlayBody, ProtocolError, Topic
+from her2scope.daemon.protocol import Message, OverlayBody, ProtocolError, Topic
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,7 @@ def resolve_endpoints(config_path: Path | None, daemon_state: Path | None) -> tu
     ConfigError, ControlError
         The configuration is invalid, or no running daemon wrote its endpoints.
     """
-    from config.app import load_config
+    from her2scope.config.app import load_config
 
     config = load_config(config_path)
     zmq_config = config.daemon.zmq

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from scoring.overlay import CLASS_COLOURS
+from her2scope.scoring.overlay import CLASS_COLOURS
 
 BGR = tuple[int, int, int]
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from clients.viewer.content import (
+from her2scope.clients.viewer.content import (
     CLASSES,
     TABLE_HEADER,
     TableRow,
@@ -19,10 +19,10 @@ from clients.viewer.content import (
     panel_lines,
     status_segments,
 )
-from clients.viewer.geometry import DEFAULT_SIZE, TITLE_H, Rect, Size, fit, fov_to_display, image_area, layout
-from clients.viewer.palette import ACCENT, BACKGROUND, BAD, BAR, BGR, CLASS_BGR, DRAW, MUTED, SURFACE, TEXT
-from clients.viewer.state import MODE_NAMES, Image, ViewerState, composite_image, daemon_responding
-from scoring.overlay import LAYER_NAMES
+from her2scope.clients.viewer.geometry import DEFAULT_SIZE, TITLE_H, Rect, Size, fit, fov_to_display, image_area, layout
+from her2scope.clients.viewer.palette import ACCENT, BACKGROUND, BAD, BAR, BGR, CLASS_BGR, DRAW, MUTED, SURFACE, TEXT
+from her2scope.clients.viewer.state import MODE_NAMES, Image, ViewerState, composite_image, daemon_responding
+from her2scope.scoring.overlay import LAYER_NAMES
 
 
 @cache

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from clients.viewer.geometry import DEFAULT_SIZE, Rect, Size, Vertex, display_to_fov, fit, image_area, layout
-from daemon.case_store import NO_CASE_SUMMARY
-from daemon.protocol import (
+from her2scope.clients.viewer.geometry import DEFAULT_SIZE, Rect, Size, Vertex, display_to_fov, fit, image_area, layout
+from her2scope.daemon.case_store import NO_CASE_SUMMARY
+from her2scope.daemon.protocol import (
     CaptureBody,
     CaseBody,
     Message,
@@ -24,7 +24,7 @@ from daemon.protocol import (
     Topic,
     decode,
 )
-from scoring.overlay import LAYER_NAMES, compose
+from her2scope.scoring.overlay import LAYER_NAMES, compose
 
 Image = npt.NDArray[np.uint8]
 Mode = Literal["view", "roi", "weak", "intense"]

@@ -1,0 +1,5 @@
+"""``python -m her2scope``: the command line (``her2scope --help``)."""
+
+from her2scope.clients.cli import run
+
+run()
