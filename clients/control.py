@@ -7,12 +7,15 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
-from her2scope.daemon.protocol import Message, ProtocolError, Reply, decode, request_id
+from her2scope.daemon.protocol import Command, Message, ProtocolError, Reply, Request, decode, request_id
 
 
 class ControlError(RuntimeError):
@@ -68,28 +71,53 @@ class ControlClient:
         """A request id unique to this client (process id and a counter)."""
         return f"{os.getpid()}-{next(self._ids)}"
 
-    def call(self, command: str, timeout_ms: float | None = None, **args: Any) -> dict[str, Any]:
+    def request(
+        self, command: Command | str, timeout_ms: float | None = None, **args: Any
+    ) -> tuple[Reply, list[bytes]]:
+        """Send one command; its reply (an error reply too) and payload frames.
+
+        The request is the protocol's :class:`Request`, so an unknown command fails here with ControlError, before
+        anything is sent. ControlError also when the daemon does not answer in time.
+        """
+        try:
+            frame = Request(id=self.next_id(), command=Command(command), args=args).model_dump_json().encode()
+        except (ValueError, ValidationError, PydanticSerializationError) as error:
+            raise ControlError(f"not a request the daemon takes: {error}") from None
+        return self.request_raw(frame, timeout_ms)
+
+    def call(self, command: Command | str, timeout_ms: float | None = None, **args: Any) -> dict[str, Any]:
         """Send a command; return its reply data, or raise ControlError with the daemon's error message."""
-        request_id = self.next_id()
-        frame = json.dumps({"v": 1, "id": request_id, "command": command, "args": args}).encode()
-        reply, _ = self.request_raw(frame, timeout_ms)
+        reply, _ = self.request(command, timeout_ms, **args)
         if not reply.ok:
-            raise ControlError(reply.error or "request failed")
+            raise ControlError(reply.error or f"{command} failed")
         return reply.data
 
-    def replay(self, since_seq: int, timeout_ms: float | None = None) -> tuple[list[Message], bool]:
-        """The published messages after ``since_seq`` still buffered by the daemon, and whether that is all."""
-        request = {"v": 1, "id": self.next_id(), "command": "replay", "args": {"since_seq": since_seq}}
-        frame = json.dumps(request).encode()
-        reply, frames = self.request_raw(frame, timeout_ms)
+    def replay(self, since_seq: int, timeout_ms: float | None = None) -> Replay:
+        """The published messages after ``since_seq`` still buffered by the daemon (``replay``)."""
+        reply, frames = self.request(Command.REPLAY, timeout_ms, since_seq=since_seq)
         if not reply.ok:
             raise ControlError(reply.error or "replay failed")
-        messages = []
+        messages: list[Message] = []
+        invalid: list[str] = []
         offset = 0
         for count in reply.data["frames_per_message"]:
-            messages.append(decode(frames[offset : offset + count]))
+            try:
+                messages.append(decode(frames[offset : offset + count]))
+            except ProtocolError as error:  # one bad message must not hide the others
+                invalid.append(str(error))
             offset += count
-        return messages, bool(reply.data["complete"])
+        return Replay(tuple(messages), bool(reply.data["complete"]), int(reply.data["last_seq"]), tuple(invalid))
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What ``replay`` returned: the messages (oldest first), whether they are all since the asked sequence number
+    (the buffer may have dropped older ones), the last sequence number published, and why any message was skipped."""
+
+    messages: tuple[Message, ...]
+    complete: bool
+    last_seq: int
+    invalid: tuple[str, ...] = ()
 
 
 class Subscriber:
@@ -165,6 +193,7 @@ __all__ = [
     "ControlClient",
     "ControlError",
     "ProtocolError",
+    "Replay",
     "Subscriber",
     "daemon_endpoints",
     "live_endpoints",

@@ -43,9 +43,7 @@ def _call(
         raise typer.Exit(EXIT_UNREACHABLE) from None
     with ControlClient(endpoints["control"], timeout_ms=timeout_ms) as client:
         try:
-            reply, _ = client.request_raw(
-                json.dumps({"v": 1, "id": client.next_id(), "command": command, "args": args}).encode()
-            )
+            reply, _ = client.request(command, **args)
         except ControlError as error:
             typer.echo(f"error: {error} ({endpoints['control']}); is the daemon running?", err=True)
             raise typer.Exit(EXIT_UNREACHABLE) from None

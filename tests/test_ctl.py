@@ -118,3 +118,18 @@ def test_a_case_started_from_the_shell_with_the_gastric_biopsy_guideline(daemon:
     assert refused.returncode == 1
     assert "unknown guideline 'lung'; use one of: breast, gastric" in refused.stderr
     assert ctl(daemon, "case", "close").returncode == 0
+
+
+@pytest.mark.parametrize(("command", "args"), [("nonsense", {}), ("status", {"v": object()})])
+def test_a_request_the_protocol_refuses_is_never_sent(command: str, args: dict[str, object]) -> None:
+    """ControlClient.request builds the protocol's Request: an unknown command (or arguments that are not JSON)
+    fails at once, without waiting for a daemon that would refuse it."""
+    import time
+
+    from her2scope.clients.control import ControlClient, ControlError
+
+    with ControlClient("tcp://127.0.0.1:9", timeout_ms=60_000) as client:  # nothing listens: a send would hang
+        start = time.monotonic()
+        with pytest.raises(ControlError, match="not a request the daemon takes"):
+            client.request(command, **args)
+        assert time.monotonic() - start < 10.0  # refused before sending, not timed out

@@ -290,7 +290,8 @@ def test_malformed_requests_get_error_replies_and_change_nothing(daemon: Daemon,
 def test_a_late_subscriber_gets_a_snapshot_and_the_missed_messages(daemon: Daemon) -> None:
     snapshot = daemon.control.call("snapshot")
     assert snapshot["case"]["case_id"] is not None and snapshot["last_seq"] > 0
-    messages, complete = daemon.control.replay(max(0, snapshot["last_seq"] - 20))
+    replay = daemon.control.replay(max(0, snapshot["last_seq"] - 20))
+    messages, complete = replay.messages, replay.complete
     assert messages, "recent results and status messages are buffered"
     sequences = [m.header.seq for m in messages]
     assert sequences == sorted(sequences) and all(m.header.topic != Topic.PREVIEW for m in messages)
@@ -396,7 +397,7 @@ def test_sigterm_stops_cleanly_and_a_restart_resumes_the_case(daemon: Daemon, tm
         assert resumed["case_id"] == case["case_id"]
         assert [f["fov_id"] for f in resumed["fovs"]][: len(case["fovs"])] == [f["fov_id"] for f in case["fovs"]]
         assert resumed["control"] is not None
-        messages, _ = restarted.control.replay(0)  # what a recorder that was not listening at start-up fetches
+        messages = restarted.control.replay(0).messages  # what a recorder that was not listening at start-up fetches
         announced = [m for m in messages if m.header.topic == Topic.CASE]
         assert announced and announced[0].body.event == "resumed"  # type: ignore[attr-defined]
         assert announced[0].body.case["case_id"] == case["case_id"]  # type: ignore[attr-defined]

@@ -70,7 +70,7 @@ def test_a_gastric_biopsy_case_is_reported_scored_and_resumed_with_its_guideline
         assert snapshot["case"]["case_id"] == "gastric-1"
         assert (snapshot["case"]["guideline"], snapshot["case"]["specimen"]) == ("gastric", "biopsy")
         assert snapshot["status"]["guideline"] == "gastric"
-        messages, _ = restarted.control.replay(0)
+        messages = restarted.control.replay(0).messages
         resumed = [m for m in messages if m.header.topic == Topic.CASE]
         assert resumed and resumed[0].body.event == "resumed"  # type: ignore[attr-defined]
         assert resumed[0].body.rule["guideline"] == "gastric"  # type: ignore[attr-defined]

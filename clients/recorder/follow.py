@@ -33,7 +33,6 @@ from her2scope.daemon.protocol import (
     ResultBody,
     StatusBody,
     Topic,
-    decode,
 )
 
 log = structlog.get_logger(__name__)
@@ -211,19 +210,10 @@ class Recorder:
 
     def _replay(self, since: int) -> tuple[list[Message], bool, int]:
         assert self._control is not None
-        request = {"v": 1, "id": self._control.next_id(), "command": "replay", "args": {"since_seq": since}}
-        frame = json.dumps(request).encode()
-        reply, frames = self._control.request_raw(frame)
-        if not reply.ok:
-            raise ControlError(reply.error or "replay failed")
-        messages, offset = [], 0
-        for count in reply.data["frames_per_message"]:
-            try:
-                messages.append(decode(frames[offset : offset + count]))
-            except ProtocolError as error:
-                log.warning("message_invalid", error=str(error))
-            offset += count
-        return messages, bool(reply.data["complete"]), int(reply.data["last_seq"])
+        replay = self._control.replay(since)
+        for error in replay.invalid:
+            log.warning("message_invalid", error=error)
+        return list(replay.messages), replay.complete, replay.last_seq
 
     def _persisted_seq(self, session: str) -> int:
         """The last sequence number processed in this daemon session, from the case folders' state files."""
@@ -420,9 +410,7 @@ class Recorder:
             return
         if self._control is not None and self._daemon_case == folder.case_id:
             try:
-                request = {"v": 1, "id": self._control.next_id(), "command": "image", "args": {"fov_id": fov_id}}
-                frame = json.dumps(request).encode()
-                reply, frames = self._control.request_raw(frame)
+                reply, frames = self._control.request("image", fov_id=fov_id)
                 if reply.ok and frames:
                     folder.write_file(relative, frames[0])
                     return

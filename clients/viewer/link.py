@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from her2scope.clients.viewer.state import (
     image_wanted,
     with_notice,
 )
-from her2scope.daemon.protocol import Message, OverlayBody, ProtocolError, Topic
+from her2scope.daemon.protocol import Message, OverlayBody, Topic
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +122,8 @@ class DaemonLink:
 
     def request(self, command: str, **args: Any) -> tuple[dict[str, Any], list[bytes]]:
         """Send a command; its reply data and payload frames. ControlError: an error reply, or no answer."""
-        frame = json.dumps({"v": 1, "id": command, "command": command, "args": args}).encode()
         try:
-            reply, frames = self._control.request_raw(frame)
+            reply, frames = self._control.request(command, **args)
         except ControlError:
             # a late reply would be taken for the next request's: start again with a fresh socket
             self._control.close()
@@ -221,12 +219,12 @@ class DaemonLink:
         self._last_attempt = now
         if state.resync == "replay":
             try:
-                messages, complete = self._control.replay(state.last_seq, self._timeout_ms)
-            except (ControlError, ProtocolError):
-                complete, messages = False, []
-            if complete:
+                replay = self._control.replay(state.last_seq, self._timeout_ms)
+            except ControlError:
+                replay = None
+            if replay is not None and replay.complete and not replay.invalid:
                 state = dataclasses.replace(state, resync=None, topic_seqs={})
-                for message in messages:
+                for message in replay.messages:
                     state = apply(state, message)
                 return state
             state = dataclasses.replace(state, resync="snapshot")
@@ -240,8 +238,8 @@ class DaemonLink:
     def _recent_overlays(self, state: ViewerState) -> ViewerState:
         """Overlays are not in snapshots: apply the newest buffered one of the last FOV and of the control."""
         try:
-            messages, _ = self._control.replay(0, self._timeout_ms)
-        except (ControlError, ProtocolError):
+            messages = self._control.replay(0, self._timeout_ms).messages
+        except ControlError:
             return state
         case_id = state.case.get("case_id")
         newest: dict[str, Message] = {}
