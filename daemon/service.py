@@ -426,11 +426,16 @@ class Daemon:
             self._trigger_ms[record.fov_id] = _now_ms()
         if region is None and record.kind == "control":
             region = record.calibration_region
+        path = self.store.case_dir / record.image_file
+        if image is None and not path.is_file():  # not written yet: served from memory (or CaseError: lost)
+            image = self.store.image(record.fov_id)
         job = ScoreJob(
             job_id=self._next_job,
             fov_id=record.fov_id,
             kind=record.kind,
-            image=image if image is not None else self.store.image(record.fov_id),
+            # an image on disk is read by the worker: decoding it here would hold the loop ~60 ms per 1080p FOV
+            image=image,
+            image_path=path,
             pixel_size_um=record.pixel_size_um,
             params=case.params,
             rule=case.rule,
@@ -442,6 +447,18 @@ class Daemon:
         )
         self._next_job += 1
         self.worker.submit(job)
+
+    def _check_room(self, records: list[FovRecord]) -> None:
+        """Refuse 'busy' a re-score that would make more than ``[limits] max_queued_jobs`` FOVs wait (each FOV waits
+        once: those already waiting are not counted again); call it before changing anything."""
+        case_id = self._case_id()
+        new = sum(1 for record in records if not self.worker.is_queued(case_id, record.fov_id))
+        limit = self.config.limits.max_queued_jobs
+        if new and self.worker.queued + new > limit:
+            raise RequestError(
+                f"busy: re-scoring {len(records)} FOVs would make {self.worker.queued + new} wait to be scored; the "
+                f"limit is {limit} (limits.max_queued_jobs): re-score single FOVs, or wait for the queue to drain"
+            )
 
     def _collect_outcomes(self) -> None:
         for outcome in self.worker.poll():
@@ -481,7 +498,10 @@ class Daemon:
             error=outcome.error,
         )
         if job.kind == "control" and outcome.calibration is not None and outcome.calibration != previous_control:
-            self._rescore("control calibrated", tumour_only=True)
+            try:
+                self._rescore("control calibrated", tumour_only=True)
+            except RequestError as error:  # the queue is full: the FOVs keep their scores until re-scored
+                log.error("rescore_refused", reason="control calibrated", error=str(error))
 
     def _on_overlay(self, outcome: JobOverlay) -> None:
         job = outcome.job
@@ -497,12 +517,18 @@ class Daemon:
         payloads = [(Payload(name=name, encoding="png"), png) for name, png in outcome.layers]
         self.publisher.publish(Topic.OVERLAY, body, payloads, case_id=self._case_id())
 
-    def _rescore(self, reason: str, *, tumour_only: bool = False) -> int:
-        """Queue the open case's FOVs (only the tumour FOVs with ``tumour_only``) for scoring again."""
+    def _rescored(self, *, tumour_only: bool = False) -> list[FovRecord]:
+        """The open case's FOVs that a re-score scores again (only the tumour FOVs with ``tumour_only``)."""
         case = self.store.case
         if case is None:
             raise CaseError("no case is open")
-        records = [r for r in case.fovs if r.kind == "fov" or not tumour_only]
+        return [r for r in case.fovs if r.kind == "fov" or not tumour_only]
+
+    def _rescore(self, reason: str, *, tumour_only: bool = False) -> int:
+        """Queue the open case's FOVs (only the tumour FOVs with ``tumour_only``) for scoring again; RequestError
+        'busy' (nothing queued) beyond ``[limits] max_queued_jobs``."""
+        records = self._rescored(tumour_only=tumour_only)
+        self._check_room(records)
         for record in records:
             self._submit(record, trigger="rescore")
         if records:
@@ -669,6 +695,7 @@ class Daemon:
             case Command.SET_ROI:
                 fov_id = _required_str(args, "fov_id")
                 polygon = self._polygon(args.get("polygon"), allow_none=True)
+                self._check_room([self.store.record(fov_id)])
                 record = self.store.set_roi(fov_id, polygon)
                 self._submit(record, trigger="rescore")
                 return {"fov_id": fov_id}, []
@@ -683,13 +710,14 @@ class Daemon:
                 return {"fov_id": fov_id, "excluded": record.excluded}, []
             case Command.RESCORE:
                 one = _optional_str(args, "fov_id")
-                if one is not None:
-                    record = self.store.record(one)
-                    self.store.adjust("rescore", {"fov_id": one})  # first: a full audit trail refuses it
+                records = [self.store.record(one)] if one is not None else self._rescored()
+                self._check_room(records)  # a full queue or audit trail refuses it before anything changes
+                self.store.adjust("rescore", {"fov_id": one} if one is not None else {})
+                for record in records:
                     self._submit(record, trigger="rescore")
-                    return {"queued": 1}, []
-                self.store.adjust("rescore", {})
-                return {"queued": self._rescore("rescore requested")}, []
+                if one is None and records:
+                    log.info("rescoring", reason="rescore requested", n_fovs=len(records))
+                return {"queued": len(records), "queue": self.worker.queued}, []
             case Command.STATUS:
                 return self.status_body().model_dump(mode="json"), []
             case Command.SNAPSHOT:
@@ -794,6 +822,7 @@ class Daemon:
         except ValueError as error:
             raise RequestError(str(error)) from None
         params = case.params.model_copy(update={"weak_threshold_od": threshold})
+        self._check_room(self._rescored())
         self.store.set_params(params, "set-weak", {"fov_id": fov_id, "polygon": polygon, "threshold_od": threshold})
         queued = self._rescore("weak threshold changed")
         return {"weak_threshold_od": threshold, "queued": queued}
@@ -809,6 +838,7 @@ class Daemon:
         if record.kind != "control":
             raise RequestError(f"{fov_id} is not a positive control; the intense threshold comes from a control")
         polygon = self._polygon(args.get("polygon"), allow_none=True)  # None: calibrate from the whole control again
+        self._check_room([record])
         record = self.store.set_calibration_region(fov_id, polygon)
         self._submit(record, trigger="rescore")
         return {"fov_id": fov_id, "queued": 1}

@@ -1,6 +1,8 @@
 """Scoring in a worker process, so that a crash or a slow FOV never stalls the live view or kills the daemon.
 
-The daemon sends one job at a time over a pipe: a JSON header (what to do, the parameters) and the raw BGR image.
+The daemon sends one job at a time over a pipe: a JSON header (what to do, the parameters) and the raw BGR image,
+or, for a FOV whose image is on disk, its PNG's path: the worker reads it, so that re-scoring a case never decodes
+images on the daemon's loop nor holds them in its memory while they wait.
 The worker answers with a JSON header (the error, or that the result follows), the result as a JSON frame, and the
 overlay layers as PNG frames. A worker that dies or overruns ``timeout_ms`` is killed and restarted, and its job is
 reported as failed (it can be retried with ``rescore``). Nothing is pickled: only bytes cross the pipe.
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -47,13 +50,14 @@ class ScoreJob:
     """One FOV (or the control) to score.
 
     ``kind`` "control" calibrates the intense threshold from the image (or from ``region`` of it) and scores the
-    control with it; "fov" scores a tumour FOV with ``control`` (or the default threshold).
+    control with it; "fov" scores a tumour FOV with ``control`` (or the default threshold). The image is ``image``
+    (BGR, in memory) or, when that is None, the PNG file ``image_path``, which the worker process reads.
     """
 
     job_id: int
     fov_id: str
     kind: Literal["fov", "control"]
-    image: npt.NDArray[np.uint8]  # BGR
+    image: npt.NDArray[np.uint8] | None  # BGR
     pixel_size_um: float
     params: ScoringParams
     rule: CaseRule
@@ -63,6 +67,7 @@ class ScoreJob:
     overlay: bool = True
     overlay_width: int | None = None  # draw the layers at this width (a display's), not the FOV's
     case_id: str | None = None  # the case the FOV belongs to (FOV ids restart in every case)
+    image_path: Path | None = None
     submitted_ms: float = field(default_factory=lambda: time.monotonic() * 1000.0)
 
 
@@ -101,7 +106,8 @@ def _job_header(job: ScoreJob) -> bytes:
             "job_id": job.job_id,
             "fov_id": job.fov_id,
             "kind": job.kind,
-            "shape": list(job.image.shape),
+            "shape": list(job.image.shape) if job.image is not None else None,
+            "image_path": str(job.image_path) if job.image is None and job.image_path is not None else None,
             "pixel_size_um": job.pixel_size_um,
             "params": job.params.model_dump(mode="json"),
             "rule": job.rule.model_dump(mode="json"),
@@ -179,6 +185,22 @@ def _serve_job(connection: Connection, header: dict[str, Any], image: npt.NDArra
         connection.send_bytes(png)
 
 
+class ImageReadError(ValueError):
+    """The PNG file of a job cannot be read (in the worker process)."""
+
+
+def _job_image(header: dict[str, Any], buffer: bytes) -> npt.NDArray[np.uint8]:
+    """The job's BGR image: the raw pixels that followed the header, or the PNG file it names."""
+    if header.get("image_path") is None:
+        return np.frombuffer(buffer, dtype=np.uint8).reshape(header["shape"])
+    import cv2
+
+    image = cv2.imread(header["image_path"], cv2.IMREAD_COLOR)
+    if image is None:
+        raise ImageReadError(f"the image of {header.get('fov_id')} ({header['image_path']}) cannot be read")
+    return np.asarray(image, dtype=np.uint8)
+
+
 def _worker_main(connection: Connection) -> None:
     """The worker process: say it is ready (imports done), then serve jobs until the pipe closes."""
     import her2scope.scoring.overlay  # noqa: F401  (imported before "ready", so the first job is not slow)
@@ -194,10 +216,11 @@ def _worker_main(connection: Connection) -> None:
         except (EOFError, OSError):
             return
         try:
-            image = np.frombuffer(buffer, dtype=np.uint8).reshape(header["shape"])
+            image = _job_image(header, buffer)
         except (ValueError, KeyError, TypeError) as error:
             reply = {"job_id": header.get("job_id"), "type": "result", "calibration": None}
-            reply.update(error=f"malformed job: {error}", score_ms=0.0)
+            reply.update(error=str(error) if isinstance(error, ImageReadError) else f"malformed job: {error}")
+            reply.update(score_ms=0.0)
             try:
                 connection.send_bytes(json.dumps(reply).encode())
             except (EOFError, OSError):
@@ -242,6 +265,11 @@ class ScoringWorker:
         """Jobs waiting, not counting the one in flight."""
         return len(self._queue)
 
+    def is_queued(self, case_id: str | None, fov_id: str) -> bool:
+        """Whether a job for ``fov_id`` of ``case_id`` waits in the queue (the one in flight does not count: a
+        re-score asked for while it is scored must score it again, with the parameters of then)."""
+        return any(job.case_id == case_id and job.fov_id == fov_id for job in self._queue)
+
     def has_work_for(self, case_id: str | None) -> bool:
         """Whether a job of ``case_id`` is queued or in flight (its result or its overlay not delivered yet)."""
         in_flight = self._in_flight is not None and self._in_flight.case_id == case_id
@@ -273,16 +301,28 @@ class ScoringWorker:
         self._process = self._connection = None
         self._state = WorkerState.STOPPED
 
-    def submit(self, job: ScoreJob) -> None:
-        """Queue a job; it is sent when the worker is free. A job that is not an (M, N, 3) uint8 image fails at
-        once (reported by the next ``poll``): it could only crash the worker."""
+    def submit(self, job: ScoreJob) -> bool:
+        """Queue a job; it is sent when the worker is free. A job that is not an (M, N, 3) uint8 image (nor an image
+        path) fails at once (reported by the next ``poll``): it could only crash the worker.
+
+        A job for a FOV that already waits takes that job's place (it has the newer parameters), so a FOV waits
+        once however often it is re-scored. Returns whether the queue grew.
+        """
         image = job.image
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        from_file = image is None and job.image_path is not None
+        if not from_file and (
+            not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3
+        ):
             found = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
             self._rejected.append(JobResult(job, None, None, f"not an (M, N, 3) uint8 BGR image: {found}", 0.0))
-            return
+            return False
+        for position, waiting in enumerate(self._queue):
+            if waiting.case_id == job.case_id and waiting.fov_id == job.fov_id:
+                self._queue[position] = job
+                return False
         self._queue.append(job)
         self._send_next()
+        return True
 
     def _send_next(self) -> None:
         # not before the process said it is ready: a 6 MB image would fill the pipe and block the caller
@@ -298,8 +338,11 @@ class ScoringWorker:
         self._state = WorkerState.BUSY
         try:
             self._connection.send_bytes(_job_header(job))
-            # a flat uint8 view: send_bytes sizes its frame by len(), which is the first axis of an image
-            self._connection.send_bytes(np.ascontiguousarray(job.image).reshape(-1).data)
+            if job.image is None:
+                self._connection.send_bytes(b"")  # the worker reads the image from job.image_path
+            else:
+                # a flat uint8 view: send_bytes sizes its frame by len(), which is the first axis of an image
+                self._connection.send_bytes(np.ascontiguousarray(job.image).reshape(-1).data)
         except (OSError, ValueError) as error:
             # the job fails (it may be what broke the pipe); the next poll reports it and restarts the worker
             self._send_failure = f"cannot send the job to the scoring worker: {error}"

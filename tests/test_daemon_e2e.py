@@ -167,13 +167,16 @@ def next_message(subscriber: Subscriber, predicate: Callable[[Message], bool], w
 
 @contextlib.contextmanager
 def running_daemon(
-    root: Path, extra_config: str = "", preexec_fn: Callable[[], None] = die_with_parent
+    root: Path,
+    extra_config: str = "",
+    preexec_fn: Callable[[], None] = die_with_parent,
+    base_config: str = CONFIG,
 ) -> Iterator[Daemon]:
-    """A daemon on ``CONFIG`` (plus ``extra_config``) with its state, configuration and log in ``root``; stopped
-    afterwards (or, when it has died, its log closed)."""
+    """A daemon on ``base_config`` (``CONFIG``, with ``{state}`` filled in) plus ``extra_config``, with its state,
+    configuration and log in ``root``; stopped afterwards (or, when it has died, its log closed)."""
     state = root / "state"
     config = root / "config.toml"
-    config.write_text(CONFIG.format(state=state) + extra_config)
+    config.write_text(base_config.format(state=state) + extra_config)
     running = Daemon(state, config, root / "daemon.log", preexec_fn)
     try:
         yield running

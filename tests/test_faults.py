@@ -13,14 +13,15 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
 
-from her2scope.daemon.protocol import ProtocolError, Reply, parse_request, request_id
-from tests.test_daemon_e2e import Daemon, running_daemon, wait_for
+from her2scope.daemon.protocol import Command, ProtocolError, Reply, Request, parse_request, request_id
+from tests.test_daemon_e2e import CONFIG, Daemon, running_daemon, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -408,3 +409,82 @@ def test_sigterm_waits_for_an_image_that_waits_for_space(tmp_path: Path) -> None
     assert "images_not_saved_at_exit" not in events
     png = next((daemon.state / "cases").glob(f"*/{fov_id}.png"))
     assert png.stat().st_size > limit
+
+
+# --- D4: re-scoring a whole case ----------------------------------------------------------------------------------
+
+#: Full-HD frames, as on the microscope: reading one captured PNG back takes tens of ms, so a re-score that read the
+#: case's images on the loop held every other request for a second or more.
+FULL_HD = CONFIG.replace("width = 960\nheight = 540\nfps = 15", "width = 1920\nheight = 1080\nfps = 5")
+
+
+def _send(socket: zmq.Socket[bytes], request_id: str, command: str) -> None:
+    socket.send_multipart([b"", Request(id=request_id, command=Command(command)).model_dump_json().encode()])
+
+
+def test_rescores_queue_each_fov_once_and_leave_the_loop_free(tmp_path: Path) -> None:
+    n_fovs, n_rescores = 13, 5
+    assert "width = 1920" in FULL_HD
+    with running_daemon(tmp_path, base_config=FULL_HD) as daemon:
+        daemon.control.call("auto-capture", enabled=False)
+        daemon.control.call("start-case", case_id="rescored")
+        wait_for(lambda: daemon.control.call("status")["camera"]["state"] == "live", what="the camera")
+        for _ in range(n_fovs):
+            daemon.control.call("capture")
+        # on disk: a re-score then has to read every image back (captures still in memory would not be read)
+        wait_for(lambda: daemon.control.call("status")["unsaved_images"] == 0, what="the images on disk")
+        baseline = _rss_mib(daemon.process.pid)
+        socket = _raw_dealer(daemon.endpoints["control"])
+        replies: dict[str, tuple[Reply, float]] = {}
+        try:
+            sent = time.monotonic()
+            for i in range(n_rescores):
+                _send(socket, f"r{i}", "rescore")
+            _send(socket, "status", "status")  # behind the re-scores in the daemon's queue
+            while len(replies) < n_rescores + 1:
+                assert socket.poll(30_000), f"only {len(replies)} replies came"
+                reply = Reply.model_validate_json(socket.recv_multipart()[1])
+                replies[reply.id] = (reply, time.monotonic() - sent)
+        finally:
+            socket.close(linger=0)
+        growth = _rss_mib(daemon.process.pid) - baseline
+        assert _problems(daemon) == []
+    rescores = [replies[f"r{i}"][0] for i in range(n_rescores)]
+    assert all(r.ok and r.data["queued"] == n_fovs for r in rescores), rescores
+    # every FOV waits once, with the newest request's parameters: 13 at most, not 5 x 13
+    assert max(r.data["queue"] for r in rescores) <= n_fovs
+    status, status_s = replies["status"]
+    assert status.ok and status.data["queue"] <= n_fovs
+    # the loop reads no image for a re-score: the status behind five of them is answered at once (it took 4 s)
+    assert status_s < 1.0, f"status answered {status_s:.2f} s after {n_rescores} re-scores of {n_fovs} FOVs"
+    assert growth < 100, f"RSS grew {growth:.0f} MiB with {n_rescores} re-scores queued"
+
+
+def test_a_rescore_beyond_the_queue_bound_is_refused_busy(tmp_path: Path) -> None:
+    from her2scope.clients.control import ControlError
+
+    with running_daemon(tmp_path, "\n[limits]\nmax_queued_jobs = 4\n") as daemon:
+        daemon.control.call("auto-capture", enabled=False)
+        daemon.control.call("start-case", case_id="bounded")
+        wait_for(lambda: daemon.control.call("status")["camera"]["state"] == "live", what="the camera")
+        for _ in range(6):
+            daemon.control.call("capture")
+        wait_for(
+            lambda: (
+                all(f["status"] == "scored" for f in daemon.control.call("snapshot")["case"]["fovs"])
+                and daemon.control.call("status")["worker"] == "idle"
+            ),
+            what="the six FOVs to be scored",
+        )
+        audit = len(daemon.control.call("snapshot")["case"]["adjustments"])
+        busy = (
+            r"^busy: re-scoring 6 FOVs would make 6 wait to be scored; the limit is 4 \(limits\.max_queued_jobs\): "
+            r"re-score single FOVs, or wait for the queue to drain$"
+        )
+        with pytest.raises(ControlError, match=busy):
+            daemon.control.call("rescore")
+        status = daemon.control.call("status")
+        assert status["queue"] == 0 and status["worker"] == "idle"  # refused: nothing queued
+        assert len(daemon.control.call("snapshot")["case"]["adjustments"]) == audit  # ... nor recorded
+        assert daemon.control.call("rescore", fov_id="fov-001")["queued"] == 1
+        assert _problems(daemon) == []

@@ -5,6 +5,7 @@ Real spawned processes (each start costs ~1 s), so most tests share one worker; 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import select
@@ -43,7 +44,7 @@ CONTROL_BGR = _read_bgr("control_3plus.jpg")
 FOV_BGR = _read_bgr("her2_2plus.jpg")
 
 
-def _job(image: npt.NDArray[np.uint8], kind: Literal["fov", "control"] = "fov", **options: Any) -> ScoreJob:
+def _job(image: npt.NDArray[np.uint8] | None, kind: Literal["fov", "control"] = "fov", **options: Any) -> ScoreJob:
     job_id = next(_job_ids)
     return ScoreJob(
         job_id=job_id,
@@ -228,6 +229,33 @@ def test_jobs_come_back_in_submission_order(worker: ScoringWorker) -> None:
     assert [isinstance(o, JobResult) and o.ok for o in outcomes] == [True, False, True]
     assert worker.queued == 0
     assert _state(worker) is WorkerState.IDLE
+
+
+def test_a_job_from_a_png_file_is_read_by_the_worker(worker: ScoringWorker, tmp_path: Path) -> None:
+    png = tmp_path / "fov.png"
+    assert cv2.imwrite(str(png), FOV_BGR)
+    from_memory = _run(worker, _job(FOV_BGR, overlay=False))[0]
+    from_file = _run(worker, _job(None, overlay=False, image_path=png))[0]
+    missing = _job(None, overlay=False, image_path=tmp_path / "gone.png")
+    failed = _run(worker, missing)[0]
+    assert isinstance(from_memory, JobResult) and isinstance(from_file, JobResult)
+    assert from_file.ok and from_file.result == from_memory.result
+    assert isinstance(failed, JobResult) and not failed.ok
+    assert failed.error == f"the image of {missing.fov_id} ({tmp_path / 'gone.png'}) cannot be read"
+
+
+def test_a_fov_waits_once_with_its_newest_job(worker: ScoringWorker) -> None:
+    first = _job(FOV_BGR, overlay=False, case_id="c")
+    older = dataclasses.replace(_job(FOV_BGR, overlay=False, case_id="c"), fov_id="fov-x")
+    newer = dataclasses.replace(older, job_id=next(_job_ids), roi=((0.0, 0.0), (0.0, 900.0), (900.0, 0.0)))
+    other_case = dataclasses.replace(older, job_id=next(_job_ids), case_id="d")
+    assert [worker.submit(job) for job in (first, older, newer, other_case)] == [True, True, False, True]
+    assert worker.is_queued("c", "fov-x") and worker.is_queued("d", "fov-x")
+    outcomes = _collect(worker, _finished(first, newer, other_case))
+    # the newer job took the older one's place: the older is never scored
+    assert [o.job.job_id for o in outcomes] == [first.job_id, newer.job_id, other_case.job_id]
+    assert all(isinstance(o, JobResult) and o.ok for o in outcomes)
+    assert worker.queued == 0
 
 
 def test_a_worker_killed_while_idle_is_restarted_before_the_next_job(worker: ScoringWorker) -> None:
