@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from her2scope.clients.options import ConfigOption, DaemonStateOption
+from her2scope.daemon.protocol import CaseSummary
 
 ctl_app = typer.Typer(
     name="ctl", help="Control a running daemon: capture, control, case start/close, status.", no_args_is_help=True
@@ -135,7 +136,7 @@ def case_close(
     data = _call("close-case", config, daemon_state, timeout_ms, as_json)
     if not as_json:
         typer.echo(f"closed case {data['case_id']}")
-        typer.echo(format_case(data["summary"]))
+        typer.echo(format_case(CaseSummary.model_validate(data["summary"])))
 
 
 @ctl_app.command()
@@ -160,29 +161,29 @@ def status(
     )
     if camera.get("last_error"):
         typer.echo(f"camera: {camera['last_error']}")
-    typer.echo(format_case(data["case"]))
+    typer.echo(format_case(CaseSummary.model_validate(data["case"])))
 
 
-def format_case(summary: dict[str, Any]) -> str:
+def format_case(summary: CaseSummary) -> str:
     """A few readable lines about a case summary (see docs/protocol.md, the case summary)."""
-    if not summary.get("case_id"):
+    if not summary.case_id:
         return "no case is open"
-    lines = [f"case {summary['case_id']}" + (" (closed)" if not summary.get("open", True) else "")]
-    if summary.get("guideline"):
-        lines[0] += f", scored by the {summary['guideline']} guideline ({summary.get('specimen') or 'resection'})"
-    for fov in summary.get("fovs", []):
-        marks = " excluded" if fov.get("excluded") else ""
-        lines.append(
-            f"  {fov['fov_id']:<12} {fov['status']:<8} cells {fov.get('total', 0):>5}  score {fov.get('score') or '-'}"
-            + marks
-        )
-    case = summary.get("case") or {}
-    score = case.get("score") or "not assessable"
-    extra = [case["zero_subtype"]] if case.get("zero_subtype") else []
-    if case.get("her2_low"):
-        extra.append("HER2-low" if case.get("score") == "1+" else "HER2-low if ISH is negative")
-    lines.append(f"CASE HER2 IHC {score}: {case.get('status', '?')}" + (f" ({', '.join(extra)})" if extra else ""))
-    if case.get("reason"):
-        lines.append(f"  {case['reason']}")
-    lines.extend(f"  warning: {w}" for w in case.get("warnings", []))
+    lines = [f"case {summary.case_id}" + (" (closed)" if not summary.open else "")]
+    if summary.guideline:
+        lines[0] += f", scored by the {summary.guideline} guideline ({summary.specimen or 'resection'})"
+    for fov in summary.fovs:
+        marks = " excluded" if fov.excluded else ""
+        score = fov.score or "-"
+        lines.append(f"  {fov.fov_id:<12} {fov.status:<8} cells {fov.total:>5}  score {score}" + marks)
+    case = summary.case
+    if case is None:
+        return "\n".join(lines)
+    extra = [str(case.zero_subtype)] if case.zero_subtype else []
+    if case.her2_low:
+        extra.append("HER2-low" if case.score == "1+" else "HER2-low if ISH is negative")
+    score_text = case.score or "not assessable"
+    lines.append(f"CASE HER2 IHC {score_text}: {case.status}" + (f" ({', '.join(extra)})" if extra else ""))
+    if case.reason:
+        lines.append(f"  {case.reason}")
+    lines.extend(f"  warning: {w}" for w in case.warnings)
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from her2scope.clients.control import ControlClient, ControlError, Subscriber, read_endpoints
 from her2scope.clients.ctl import format_case
 from her2scope.clients.viewer.app import has_display
-from her2scope.daemon.protocol import Topic
+from her2scope.daemon.protocol import CaseSummary, Topic
 
 DEMO_CONFIG = """\
 # her2scope demo: the simulated microscope over a synthetic HER2 slide, loopback ports chosen at start.
@@ -173,7 +173,7 @@ def run_demo(
                 say(_fov_line(body))
             closed = control.call("close-case")
         say("")
-        say(format_case(closed["summary"]))
+        say(format_case(CaseSummary.model_validate(closed["summary"])))
         report: Path = cases / case_id / "report.html"
         _wait(lambda: _report_final(cases / case_id), "the recorder's final report", processes)
         say("")

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from her2scope.clients.recorder.documents import CLASSES
 from her2scope.config.scoring import Guideline
+from her2scope.daemon.protocol import CaseSummary
 from her2scope.scoring.case import GUIDELINE_SOURCES
 
 #: The overlays' class colours (scoring.overlay.CLASS_COLOURS), so chart, table and pictures agree.
@@ -186,7 +187,7 @@ def proportions_svg(rows: Sequence[tuple[str, dict[str, float] | None, bool]], c
 
 def render_report(
     docs: Sequence[BaseModel],
-    summary: dict[str, Any] | None = None,
+    summary: CaseSummary | None = None,
     *,
     files_prefix: str = "",
     banner: str | None = None,
@@ -347,18 +348,18 @@ def render_report(
     return "\n".join(out)
 
 
-def write_report(docs: Sequence[BaseModel], summary: dict[str, Any] | None = None) -> str:
+def write_report(docs: Sequence[BaseModel], summary: CaseSummary | None = None) -> str:
     """:func:`render_report` stamped with the current time (the recorder's entry point)."""
     import time
 
     return render_report(docs, summary, generated=time.time())
 
 
-def _excluded(actions: Sequence[BaseModel], summary: dict[str, Any] | None, stop: BaseModel | None) -> set[Any]:
+def _excluded(actions: Sequence[BaseModel], summary: CaseSummary | None, stop: BaseModel | None) -> set[Any]:
     if stop is not None:
         return set(_field(stop, "excluded") or ())
     if summary is not None:
-        return {f["fov_id"] for f in summary.get("fovs", []) if f.get("excluded")}
+        return {f.fov_id for f in summary.fovs if f.excluded}
     excluded: set[Any] = set()
     for action in actions:
         fov_id = (_field(action, "args") or {}).get("fov_id")
@@ -381,16 +382,14 @@ def _rois(actions: Sequence[BaseModel]) -> set[Any]:
     return rois
 
 
-def _case_result(
-    stop: BaseModel | None, summary: dict[str, Any] | None, latest: dict[str, BaseModel]
-) -> dict[str, Any]:
+def _case_result(stop: BaseModel | None, summary: CaseSummary | None, latest: dict[str, BaseModel]) -> dict[str, Any]:
     if stop is not None:
         return {
             name: _field(stop, name)
             for name in ("score", "status", "her2_low", "zero_subtype", "counts", "percentages", "total", "n_fovs")
         } | {"reason": _field(stop, "case_reason"), "warnings": list(_field(stop, "warnings") or ())}
-    if summary is not None and summary.get("case"):
-        return dict(summary["case"])
+    if summary is not None and summary.case is not None:
+        return summary.case.model_dump(mode="json")
     if latest:
         data = _field(list(latest.values())[-1], "data")
         return {"score": _field(data, "case_score"), "status": _field(data, "case_status")}
@@ -398,14 +397,15 @@ def _case_result(
 
 
 def _control_text(
-    start: BaseModel | None, docs: Sequence[BaseModel], summary: dict[str, Any] | None, stop: BaseModel | None
+    start: BaseModel | None, docs: Sequence[BaseModel], summary: CaseSummary | None, stop: BaseModel | None
 ) -> str:
-    control = (summary or {}).get("control")
+    control = summary.control if summary else None
     if control:
-        qc = "QC passed" if control.get("qc_passed") else "QC FAILED"
+        qc = "QC passed" if control.qc_passed else "QC FAILED"
+        scored = control.control_score.value if control.control_score else "n/a"
         return (
-            f"{control.get('fov_id')}: intense threshold {control.get('intense_threshold_od', 0):.3f} OD "
-            f"({control.get('source')}), control scored {control.get('control_score') or 'n/a'}, {qc}"
+            f"{control.fov_id}: intense threshold {control.intense_threshold_od:.3f} OD "
+            f"({control.source.value}), control scored {scored}, {qc}"
         )
     controls = [e for e in _of(docs, "event") if _field(e, "kind") == "control"]
     if controls:

@@ -36,7 +36,8 @@ from her2scope.clients.recorder import (
     read_log,
 )
 from her2scope.config.scoring import CaseRule, ScoringParams
-from her2scope.scoring.results import ControlCalibration, FovResult
+from her2scope.daemon.protocol import AuditEntry, CaseCall, CaseSummary, ControlEntry, FovEntry
+from her2scope.scoring.results import CaseResult, ControlCalibration, FovResult
 
 RowCol = tuple[float, float]
 SECTIONS = {"scoring": ScoringParams, "case_rule": CaseRule}
@@ -346,14 +347,8 @@ def rescore_case(
         }
         notes.append("the case was not closed when recorded: compared with its last running score")
     new_case_doc = {
-        "score": new_case.call.score.value if new_case.call.score else None,
-        "status": new_case.call.status.value,
+        **new_case.call.model_dump(mode="json"),
         "counts": new_case.counts.model_dump(mode="json"),
-        "her2_low": new_case.call.her2_low,
-        "zero_subtype": new_case.call.zero_subtype.value if new_case.call.zero_subtype else None,
-        "reason": new_case.call.reason,
-        "guideline": new_case.call.guideline.value,
-        "specimen": new_case.call.specimen.value,
         "warnings": list(new_case.warnings),
     }
     case_same = old_case["score"] == new_case_doc["score"] and (
@@ -373,7 +368,7 @@ def rescore_case(
     if changed:
         comparison["output"] = str(
             _write_result(
-                case, comparison, params, rule, changes, analyses, new_results, calibrations, new_case_doc, images
+                case, comparison, params, rule, changes, analyses, new_results, calibrations, new_case, images
             )
         )
     return comparison
@@ -388,7 +383,7 @@ def _write_result(
     analyses: dict[str, Any],
     results: dict[str, FovResult | None],
     calibrations: dict[str, ControlCalibration],
-    case_doc: dict[str, Any],
+    new_case: CaseResult,
     images: dict[str, Any],
 ) -> Path:
     """Write the re-scored case beside the record: ``rescore-<time>/`` with its own log, report and overlays."""
@@ -405,22 +400,16 @@ def _write_result(
     os.chmod(out, 0o700)
     control_id = case.control_fov_id()
     control = calibrations.get(control_id) if control_id else None
-    control_doc = {"fov_id": control_id, **control.model_dump(mode="json")} if control else None
-    summary: dict[str, Any] = {
-        "closed_at": case.stop.closed_at if case.stop else None,
-        "case": {
-            **case_doc,
-            "percentages": _percentages(case_doc["counts"]),
-            "total": sum(case_doc["counts"].values()),
-            "n_fovs": sum(
-                1
-                for f in comparison["fovs"]
-                if f["kind"] == "fov" and not f["excluded"] and f["new"]["status"] == "scored"
-            ),
-        },
-        "control": control_doc,
-        "fovs": [{"fov_id": f["fov_id"], "excluded": f["excluded"]} for f in comparison["fovs"]],
-    }
+    control_entry = ControlEntry(fov_id=control_id, **dict(control)) if control else None
+    summary = CaseSummary(
+        closed_at=case.stop.closed_at if case.stop else None,
+        case=CaseCall.of(new_case),
+        control=control_entry,
+        fovs=tuple(
+            FovEntry(fov_id=f["fov_id"], kind=f["kind"], index=index, status=f["new"]["status"], excluded=f["excluded"])
+            for index, f in enumerate(comparison["fovs"], start=1)
+        ),
+    )
     start, run = compose_start(
         case_id=case.start.case_id,
         operator=case.start.operator,
@@ -430,14 +419,14 @@ def _write_result(
         rule=rule,
         params_source="rescore",
         pixel_size_um=case.start.pixel_size_um,
-        control=control_doc,
+        control=control_entry,
         daemon_session=None,
         rescore_of=case.start.uid,
         changes=changes,
     )
     docs: list[BaseModel] = [start, run.make_descriptor()]
     for action in case.actions:
-        docs.append(run.action(action.index, {"time": action.at, "action": action.action, "args": action.args}))
+        docs.append(run.action(action.index, AuditEntry(time=action.at, action=action.action, args=action.args)))
     for fov_id, event in case.latest.items():
         result = results[fov_id]
         body = {
@@ -486,11 +475,6 @@ def _write_result(
 def comparison_error(comparison: dict[str, Any], fov_id: str) -> str | None:
     """The re-scoring error of ``fov_id`` in ``comparison``."""
     return next((f["new"]["error"] for f in comparison["fovs"] if f["fov_id"] == fov_id), None)
-
-
-def _percentages(counts: dict[str, int]) -> dict[str, float]:
-    total = sum(counts.values())
-    return {k: (100.0 * v / total if total else 0.0) for k, v in counts.items()}
 
 
 def _counts_text(counts: dict[str, int] | None) -> str:

@@ -23,9 +23,8 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Literal
 
 import cv2
@@ -34,29 +33,12 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.daemon.protocol import NO_CASE, AuditEntry, CaseCall, CaseSummary, ControlEntry, FovEntry
 from her2scope.scoring.case import score_case
 from her2scope.scoring.results import ControlCalibration, FovResult
 
 RowCol = tuple[float, float]
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
-
-
-#: The case summary when no case is open (see docs/protocol.md, "The case summary").
-NO_CASE_SUMMARY: Mapping[str, Any] = MappingProxyType(
-    {
-        "case_id": None,
-        "open": False,
-        "operator": None,
-        "guideline": None,
-        "specimen": None,
-        "started_at": None,
-        "closed_at": None,
-        "adjustments": [],
-        "fovs": [],
-        "control": None,
-        "case": None,
-    }
-)
 
 
 class CaseError(ValueError):
@@ -87,14 +69,6 @@ class FovRecord(_Model):
     )
 
 
-class Adjustment(_Model):
-    """Something the pathologist changed (ROI, thresholds, exclusions, re-scores), for the audit trail."""
-
-    time: str
-    action: str
-    args: dict[str, Any] = Field(default_factory=dict)
-
-
 class CaseState(_Model):
     """Everything needed to resume, audit and re-score the case."""
 
@@ -107,7 +81,7 @@ class CaseState(_Model):
     control: ControlCalibration | None = None
     control_fov_id: str | None = None
     fovs: tuple[FovRecord, ...] = ()
-    adjustments: tuple[Adjustment, ...] = ()
+    adjustments: tuple[AuditEntry, ...] = ()
     next_index: int = 1
 
 
@@ -462,64 +436,44 @@ class CaseStore:
         """Change the case's scoring parameters (e.g. the weak threshold from a region)."""
         self._commit(self._adjusted(self._require().model_copy(update={"params": params}), action, args))
 
-    def set_control(self, calibration: ControlCalibration, action: str, args: dict[str, Any]) -> None:
-        """Replace the case's control calibration (e.g. from a region of the control)."""
-        self._commit(self._adjusted(self._require().model_copy(update={"control": calibration}), action, args))
-
     def adjust(self, action: str, args: dict[str, Any]) -> None:
         """Append an adjustment to the audit trail and persist."""
         self._commit(self._adjusted(self._require(), action, args))
 
-    def summary(self, case: CaseState | None = None) -> dict[str, Any]:
+    def summary(self, case: CaseState | None = None) -> CaseSummary:
         """The summary of ``case`` (default: the open case) published with every result and in ``snapshot``."""
         case = case or self._case
         if case is None:
-            return dict(NO_CASE_SUMMARY)
+            return NO_CASE
         scored = [r for r in case.fovs if r.kind == "fov" and r.status == "scored" and not r.excluded]
         results = [r.result for r in scored if r.result is not None]
-        case_result = score_case(results, case.rule, case.control)
-        return {
-            "case_id": case.case_id,
-            "open": case.closed_at is None,
-            "operator": case.operator,
-            "guideline": case.rule.guideline.value,
-            "specimen": case.rule.specimen.value,
-            "started_at": case.started_at,
-            "fovs": [
-                {
-                    "fov_id": r.fov_id,
-                    "kind": r.kind,
-                    "index": r.index,
-                    "status": r.status,
-                    "excluded": r.excluded,
-                    "roi": r.roi is not None,
-                    "score": r.result.call.score.value if r.result and r.result.call.score else None,
-                    "counts": r.result.counts.model_dump(mode="json") if r.result else None,
-                    "total": r.result.counts.total if r.result else 0,
-                    "error": r.error,
-                }
+        return CaseSummary(
+            case_id=case.case_id,
+            open=case.closed_at is None,
+            operator=case.operator,
+            guideline=case.rule.guideline,
+            specimen=case.rule.specimen,
+            started_at=case.started_at,
+            closed_at=case.closed_at,
+            adjustments=case.adjustments,
+            fovs=tuple(
+                FovEntry(
+                    fov_id=r.fov_id,
+                    kind=r.kind,
+                    index=r.index,
+                    status=r.status,
+                    excluded=r.excluded,
+                    roi=r.roi is not None,
+                    score=r.result.call.score if r.result else None,
+                    counts=r.result.counts if r.result else None,
+                    total=r.result.counts.total if r.result else 0,
+                    error=r.error,
+                )
                 for r in case.fovs
-            ],
-            "control": (
-                {"fov_id": case.control_fov_id, **case.control.model_dump(mode="json")} if case.control else None
             ),
-            "closed_at": case.closed_at,
-            "adjustments": [a.model_dump(mode="json") for a in case.adjustments],
-            "case": {
-                "score": case_result.call.score.value if case_result.call.score else None,
-                "status": case_result.call.status.value,
-                "her2_low": case_result.call.her2_low,
-                "zero_subtype": case_result.call.zero_subtype.value if case_result.call.zero_subtype else None,
-                "reason": case_result.call.reason,
-                "guideline": case_result.call.guideline.value,
-                "specimen": case_result.call.specimen.value,
-                "counts": case_result.counts.model_dump(mode="json"),
-                "total": case_result.counts.total,
-                "percentages": case_result.percentages,
-                "n_fovs": case_result.n_fovs,
-                "warnings": list(case_result.warnings),
-            },
-        }
+            control=ControlEntry(fov_id=case.control_fov_id, **dict(case.control)) if case.control else None,
+            case=CaseCall.of(score_case(results, case.rule, case.control)),
+        )
 
     def _adjusted(self, case: CaseState, action: str, args: dict[str, Any]) -> CaseState:
         """``case`` with an adjustment appended to its audit trail; CaseError when the trail is full (an audit
@@ -529,7 +483,7 @@ class CaseStore:
                 f"the audit trail of case {case.case_id!r} is full ({self.max_audit_entries} adjustments); "
                 "close the case and start a new one to go on adjusting"
             )
-        adjustment = Adjustment(time=_now(), action=action, args=json.loads(json.dumps(args)))
+        adjustment = AuditEntry(time=_now(), action=action, args=json.loads(json.dumps(args)))
         return case.model_copy(update={"adjustments": (*case.adjustments, adjustment)})
 
     def _require(self) -> CaseState:

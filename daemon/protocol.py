@@ -16,6 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from her2scope.config.scoring import Guideline, Specimen
+from her2scope.scoring.results import CaseResult, ClassCounts, ControlCalibration, Her2Score, ScoreCall
+
 PROTOCOL_VERSION = 1
 
 
@@ -97,6 +100,85 @@ class CaptureBody(_Model):
     pixel_size_um: float
 
 
+# --- the case summary (published with every result, in case messages and in snapshots) ------------------------
+
+
+class FovEntry(_Model):
+    """One FOV (or the control) of a case, as the case summary lists it."""
+
+    fov_id: str
+    kind: Literal["fov", "control"]
+    index: int = Field(description="Capture order in the case, from 1")
+    status: Literal["pending", "scored", "failed"]
+    excluded: bool = Field(False, description="Left out of the case score by the pathologist")
+    roi: bool = Field(False, description="Whether an ROI polygon restricts where cells are counted")
+    score: Her2Score | None = Field(None, description="The FOV's own call (null: not scored, or too few cells)")
+    counts: ClassCounts | None = None
+    total: int = Field(0, description="Tumour cells counted")
+    error: str | None = Field(None, description="Why scoring failed")
+
+
+class AuditEntry(_Model):
+    """Something the pathologist changed (ROI, thresholds, exclusions, re-scores), for the audit trail."""
+
+    time: str = Field(description="ISO 8601, UTC")
+    action: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ControlEntry(ControlCalibration):
+    """The case's positive-control calibration and the FOV it came from."""
+
+    fov_id: str | None = None
+
+
+class CaseCall(ScoreCall):
+    """The running case score: the guideline's call on the counts of all included, scored FOVs."""
+
+    counts: ClassCounts
+    total: int
+    percentages: dict[str, float]
+    n_fovs: int
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, result: CaseResult) -> CaseCall:
+        """The call and counts of a case result."""
+        return cls(
+            **dict(result.call),
+            counts=result.counts,
+            total=result.counts.total,
+            percentages=result.percentages,
+            n_fovs=result.n_fovs,
+            warnings=result.warnings,
+        )
+
+
+class CaseSummary(_Model):
+    """The open (or just closed) case: its FOVs, control, audit trail and running score. The defaults are the
+    summary when no case is open."""
+
+    case_id: str | None = None
+    open: bool = Field(False, description="False when no case is open, or this one was closed")
+    operator: str | None = None
+    guideline: Guideline | None = None
+    specimen: Specimen | None = None
+    started_at: str | None = None
+    closed_at: str | None = None
+    adjustments: tuple[AuditEntry, ...] = ()
+    fovs: tuple[FovEntry, ...] = ()
+    control: ControlEntry | None = None
+    case: CaseCall | None = Field(None, description="The running case score; null when no case is open")
+
+    def fov(self, fov_id: str) -> FovEntry | None:
+        """The entry of ``fov_id``, if the case has it."""
+        return next((entry for entry in self.fovs if entry.fov_id == fov_id), None)
+
+
+#: The summary when no case is open.
+NO_CASE = CaseSummary()
+
+
 class ResultBody(_Model):
     """A FOV's scoring outcome and the running case summary."""
 
@@ -108,7 +190,7 @@ class ResultBody(_Model):
     result: dict[str, Any] | None = Field(None, description="FovResult as JSON; null unless scored")
     calibration: dict[str, Any] | None = Field(None, description="ControlCalibration as JSON, for a control")
     error: str | None = None
-    case: dict[str, Any] = Field(description="The case summary after this FOV (see CaseSummary)")
+    case: CaseSummary = Field(description="The case summary after this FOV")
     score_ms: float | None = Field(None, description="Time the worker took")
     latency_ms: float | None = Field(None, description="From the trigger to this message")
 
@@ -149,7 +231,7 @@ class CaseBody(_Model):
     """A case was started, resumed (after a daemon restart) or closed: the whole case, for recorders."""
 
     event: Literal["started", "resumed", "closed"]
-    case: dict[str, Any] = Field(description="The case summary (see CaseSummary); for 'closed', the final one")
+    case: CaseSummary = Field(description="The case summary; for 'closed', the final one")
     params: dict[str, Any] = Field(description="The case's scoring parameters (ScoringParams as JSON)")
     rule: dict[str, Any] = Field(
         description="The case's rule settings (CaseRule as JSON), with its guideline and specimen kind"

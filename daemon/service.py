@@ -486,14 +486,13 @@ class Daemon:
             latency_ms=latency,
         )
         self.publisher.publish(Topic.RESULT, body, case_id=self._case_id())
-        summary = body.case["case"] or {}
         log.info(
             "fov_scored" if outcome.ok else "fov_failed",
             fov=job.fov_id,
             kind=job.kind,
             score=outcome.result.call.score.value if outcome.result and outcome.result.call.score else None,
             n_cells=outcome.result.counts.total if outcome.result else 0,
-            case_score=summary.get("score"),
+            case_score=body.case.case.score if body.case.case else None,
             ms=round(latency, 1),
             error=outcome.error,
         )
@@ -691,7 +690,7 @@ class Daemon:
             case Command.CLOSE_CASE:
                 closed = self._close_case()
                 self._publish_status()
-                return {"case_id": closed.case_id, "summary": self.store.summary(closed)}, []
+                return {"case_id": closed.case_id, "summary": self.store.summary(closed).model_dump(mode="json")}, []
             case Command.SET_ROI:
                 fov_id = _required_str(args, "fov_id")
                 polygon = self._polygon(args.get("polygon"), allow_none=True)
@@ -724,7 +723,7 @@ class Daemon:
                 return {
                     "last_seq": self.publisher.last_seq,
                     "session": self.publisher.session,
-                    "case": self.store.summary(),
+                    "case": self.store.summary().model_dump(mode="json"),
                     "status": self.status_body().model_dump(mode="json"),
                 }, []
             case Command.REPLAY:
@@ -790,8 +789,8 @@ class Daemon:
             self._collect_outcomes()
         closed = self.store.close()
         self._publish_case("closed", closed)
-        summary = self.store.summary(closed)
-        log.info("case_closed", case_id=closed.case_id, score=(summary.get("case") or {}).get("score"))
+        call = self.store.summary(closed).case
+        log.info("case_closed", case_id=closed.case_id, score=call.score if call else None)
         return closed
 
     def _republish(self, record: FovRecord) -> None:

@@ -212,7 +212,7 @@ def test_close_removes_current_and_nothing_resumes(store: CaseStore, tmp_path: P
     assert not (tmp_path / "current").exists()
     assert _on_disk(tmp_path, "case-1") == closed  # the case stays on disk, closed
     assert CaseStore(tmp_path).resume() is None
-    assert store.summary() == {
+    assert store.summary().model_dump(mode="json") == {
         "case_id": None,
         "open": False,
         "operator": None,
@@ -225,7 +225,8 @@ def test_close_removes_current_and_nothing_resumes(store: CaseStore, tmp_path: P
         "control": None,
         "case": None,
     }
-    closed_summary = store.summary(closed)  # what close-case replies: the closed case, with its final score
+    # what close-case replies: the closed case, with its final score
+    closed_summary = store.summary(closed).model_dump(mode="json")
     assert closed_summary["case_id"] == "case-1" and closed_summary["open"] is False
 
 
@@ -253,7 +254,7 @@ def test_summary_counts_only_included_scored_fovs(store: CaseStore) -> None:
     store.set_result(failed.fov_id, None, "scoring took longer than 20000 ms")
     pending = store.add_capture("fov", _image(4), "pedal", 0.25)
 
-    summary = store.summary()
+    summary = store.summary().model_dump(mode="json")
 
     expected = score_case([_result("her2_2plus.jpg")], RULE, _calibration())
     case: dict[str, Any] = summary["case"]
@@ -281,7 +282,7 @@ def test_summary_counts_only_included_scored_fovs(store: CaseStore) -> None:
 
 
 def test_summary_of_a_case_without_scored_fovs(store: CaseStore) -> None:
-    summary = store.summary()
+    summary = store.summary().model_dump(mode="json")
     assert summary["case"]["n_fovs"] == 0
     assert summary["case"]["total"] == 0
     assert summary["case"]["score"] is None
@@ -317,7 +318,7 @@ def test_set_roi_marks_pending_and_logs_an_adjustment(store: CaseStore, tmp_path
     assert adjustment.action == "set-roi"
     assert adjustment.args == {"fov_id": "fov-001", "polygon": [[0.0, 0.0], [0.0, 50.5], [40.0, 50.5]]}
     assert _on_disk(tmp_path, "case-1").adjustments == store.case.adjustments
-    assert store.summary()["fovs"][0]["roi"] is True
+    assert store.summary().model_dump(mode="json")["fovs"][0]["roi"] is True
 
     cleared = store.set_roi(fov.fov_id, None)
     assert cleared.roi is None

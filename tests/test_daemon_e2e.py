@@ -223,7 +223,7 @@ def test_a_field_where_the_stage_stops_is_captured_once_and_scored(daemon: Daemo
         assert result.body.status == "scored"  # type: ignore[attr-defined]
         counts = result.body.result["counts"]  # type: ignore[attr-defined]
         assert sum(counts.values()) > 50
-        assert result.body.case["case"]["n_fovs"] >= 1  # type: ignore[attr-defined]
+        assert result.body.case.case.n_fovs >= 1  # type: ignore[attr-defined]
         # the stage rests on this field: no second auto capture of it
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
@@ -259,7 +259,7 @@ def test_capture_over_the_control_endpoint_and_control_calibration(daemon: Daemo
         )
     assert result.body.result["intense_threshold_source"] == "positive control"  # type: ignore[attr-defined]
     assert result.body.result["intense_threshold_od"] == pytest.approx(calibration["intense_threshold_od"])  # type: ignore[attr-defined]
-    assert result.body.case["control"]["fov_id"] == reply["fov_id"]  # type: ignore[attr-defined]
+    assert result.body.case.control.fov_id == reply["fov_id"]  # type: ignore[attr-defined]
     daemon.control.call("auto-capture", enabled=True)
 
 
@@ -325,8 +325,8 @@ def test_exclude_and_rescore_update_the_case(daemon: Daemon) -> None:
     with daemon.subscribe(Topic.RESULT) as subscriber:
         daemon.control.call("exclude", fov_id=fov["fov_id"])
         update = next_message(subscriber, lambda m: m.body.fov_id == fov["fov_id"], "the excluded FOV's update")  # type: ignore[attr-defined]
-        entry = next(f for f in update.body.case["fovs"] if f["fov_id"] == fov["fov_id"])  # type: ignore[attr-defined]
-        assert entry["excluded"]
+        entry = update.body.case.fov(fov["fov_id"])  # type: ignore[attr-defined]
+        assert entry is not None and entry.excluded
         daemon.control.call("include", fov_id=fov["fov_id"])
         daemon.control.call("rescore", fov_id=fov["fov_id"])
         rescored = next_message(
@@ -403,7 +403,7 @@ def test_sigterm_stops_cleanly_and_a_restart_resumes_the_case(daemon: Daemon, tm
         messages = restarted.control.replay(0).messages  # what a recorder that was not listening at start-up fetches
         announced = [m for m in messages if m.header.topic == Topic.CASE]
         assert announced and announced[0].body.event == "resumed"  # type: ignore[attr-defined]
-        assert announced[0].body.case["case_id"] == case["case_id"]  # type: ignore[attr-defined]
+        assert announced[0].body.case.case_id == case["case_id"]  # type: ignore[attr-defined]
         assert announced[0].body.params["weak_threshold_od"] > 0  # type: ignore[attr-defined]
     finally:
         assert restarted.stop() == 0

@@ -36,7 +36,7 @@ def test_a_gastric_biopsy_case_is_reported_scored_and_resumed_with_its_guideline
         )
         assert started.body.rule["guideline"] == "gastric"  # type: ignore[attr-defined]
         assert started.body.rule["specimen"] == "biopsy"  # type: ignore[attr-defined]
-        assert started.body.case["guideline"] == "gastric"  # type: ignore[attr-defined]
+        assert started.body.case.guideline == "gastric"  # type: ignore[attr-defined]
         heartbeat = next_message(
             subscriber,
             lambda m: m.header.topic == Topic.STATUS and m.body.case_id == "gastric-1",  # type: ignore[attr-defined]
@@ -58,7 +58,7 @@ def test_a_gastric_biopsy_case_is_reported_scored_and_resumed_with_its_guideline
     assert (call["guideline"], call["specimen"]) == ("gastric", "biopsy")
     assert call["reason"].startswith("gastric (biopsy): ")
     assert set(result.body.result["clusters"]) == {"0", "1+", "2+", "3+"}  # type: ignore[attr-defined]
-    case = result.body.case["case"]  # type: ignore[attr-defined]
+    case = result.body.case.case.model_dump(mode="json")  # type: ignore[attr-defined]
     assert case["guideline"] == "gastric" and case["reason"].startswith("gastric (biopsy): ")
     status = daemon.control.call("status")
     assert (status["guideline"], status["specimen"]) == ("gastric", "biopsy")
@@ -105,7 +105,7 @@ def test_an_old_saved_case_without_a_guideline_resumes_with_the_configurations(t
         assert case is not None
         assert (case.rule.guideline, case.rule.specimen) == (Guideline.GASTRIC, Specimen.BIOPSY)
         assert case.rule.min_tumour_cells == 50
-        assert resumed.summary()["guideline"] == "gastric"
+        assert resumed.summary().guideline == "gastric"
     finally:
         resumed.shutdown()
     plain = CaseStore(tmp_path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -282,7 +283,17 @@ def test_tab_switches_the_big_view_and_moving_the_slide_goes_back_to_live() -> N
 
 def test_the_panel_lists_the_fovs_and_the_case_score() -> None:
     daemon = Daemonish()
-    control = {"fov_id": "control-002", "intense_threshold_od": 0.45, "qc_passed": True}
+    control = {
+        "fov_id": "control-002",
+        "intense_threshold_od": 0.45,
+        "source": "positive control",
+        "membrane_ridge_od": 0.64,
+        "percentile_range": [50.0, 95.0],
+        "n_membrane_pixels": 20000,
+        "control_counts": {"0": 0, "1+": 0, "2+": 10, "3+": 90},
+        "control_score": "3+",
+        "qc_passed": True,
+    }
     case = _case(
         _entry("fov-001", "2+"),
         _entry("control-002", "3+", kind="control", counts={"0": 0, "1+": 0, "2+": 10, "3+": 90}),
@@ -456,7 +467,11 @@ def test_well_framed_messages_with_bad_content_are_skipped_too() -> None:
     after = apply(state, broken)
     assert after.malformed == 1 and "overlay" in after.last_malformed
     assert after.fovs["fov-001"].layers == {}
-    odd_case = apply(after, daemon.result("fov-001", {"case_id": CASE_ID, "fovs": "nope"}))
+    odd = daemon.result("fov-001", _case())
+    header = json.loads(odd[1])
+    header["body"]["case"]["fovs"] = "nope"  # what no daemon sends: the protocol refuses it on decoding
+    odd[1] = json.dumps(header).encode()
+    odd_case = apply(after, odd)
     assert odd_case.malformed == 2 and odd_case.case == after.case
     healthy = apply(odd_case, daemon.overlay("fov-001", _layers()))
     assert healthy.fovs["fov-001"].layers.keys() == set(LAYER_NAMES)
@@ -500,7 +515,7 @@ def test_messages_older_than_the_snapshot_are_ignored_but_overlays_kept() -> Non
     snapshot = {"last_seq": daemon.seq, "session": SESSION, "case": _case(_entry("fov-001")), "status": _status_body()}
     state = apply(viewer.initial_state(0.0), Snapshot(snapshot))
     state = apply(state, old_result)
-    assert state.case["fovs"][0]["score"] == "2+"  # the snapshot is newer
+    assert state.case.fovs[0].score == "2+"  # the snapshot is newer
     state = apply(state, old_overlay)
     assert state.fovs["fov-001"].layers and state.shown_fov == "fov-001"
 
@@ -511,7 +526,7 @@ def test_a_new_case_forgets_the_fovs_of_the_previous_one() -> None:
     new_case = {**_case(), "case_id": "case-2", "fovs": [], "case": None}
     body = CaseBody(event="started", case=new_case, params={}, rule={}, pixel_size_um=0.25, software={})
     state = apply(state, daemon.frames(Topic.CASE, body))
-    assert state.fovs == {} and state.shown_fov is None and state.case["case_id"] == "case-2"
+    assert state.fovs == {} and state.shown_fov is None and state.case.case_id == "case-2"
     assert "case-2 started" in state.notice
     render(state, SIZE)
 
@@ -631,8 +646,8 @@ def test_a_capture_brings_the_fov_and_its_overlay_into_the_viewer(driven: Driven
     assert fov.shape == (540, 960)  # the FOV's real size, from the image command
     assert fov.layers["cells"].shape == (360, 640, 4)  # overlays at the configured width
     assert fov.composite is not None and fov.composite.shape == (360, 640, 3)
-    entry = viewer.case_entry(state, fov_id)
-    assert entry is not None and entry["status"] == "scored"
+    entry = state.case.fov(fov_id)
+    assert entry is not None and entry.status == "scored"
     assert any(line.text.startswith(fov_id) for line in viewer.panel_lines(state) if line.style == "row")
     assert viewer.fov_details(state)[0][0].startswith(f"{fov_id}: HER2")
     frame = render(state, SIZE)
@@ -642,7 +657,7 @@ def test_a_capture_brings_the_fov_and_its_overlay_into_the_viewer(driven: Driven
 def test_an_roi_drawn_in_the_viewer_is_sent_and_the_fov_rescored(driven: Driven, daemon: Daemon) -> None:
     fov_id = driven.capture(ord("c"))
     before = driven.state.fovs[fov_id].overlay_seq
-    total_before = viewer.case_entry(driven.state, fov_id)["total"]  # type: ignore[index]
+    total_before = driven.state.case.fov(fov_id).total  # type: ignore[union-attr]
     driven.press(ord("r"))
     rect = viewer.fov_display_rect(driven.state, SIZE)
     assert rect is not None and driven.state.mode == "roi" and driven.state.mode_fov == fov_id
@@ -653,14 +668,14 @@ def test_an_roi_drawn_in_the_viewer_is_sent_and_the_fov_rescored(driven: Driven,
     assert "set-roi sent" in driven.press(viewer.KEY_ENTER).notice
 
     def rescored(s: ViewerState) -> bool:
-        entry = viewer.case_entry(s, fov_id) or {}
-        return bool(entry.get("roi")) and entry.get("status") == "scored" and s.fovs[fov_id].overlay_seq > before
+        entry = s.case.fov(fov_id)
+        return entry is not None and entry.roi and entry.status == "scored" and s.fovs[fov_id].overlay_seq > before
 
     state = driven.until(rescored, "the re-scored FOV with its ROI")
-    entry = viewer.case_entry(state, fov_id)
-    assert entry is not None and entry["total"] < total_before  # fewer cells inside the ROI
-    adjustments = state.case["adjustments"]
-    assert adjustments[-1]["action"] == "set-roi" and adjustments[-1]["args"]["fov_id"] == fov_id
+    entry = state.case.fov(fov_id)
+    assert entry is not None and entry.total < total_before  # fewer cells inside the ROI
+    adjustments = state.case.adjustments
+    assert adjustments[-1].action == "set-roi" and adjustments[-1].args["fov_id"] == fov_id
 
 
 def test_the_viewer_follows_a_control_capture(driven: Driven, daemon: Daemon) -> None:
@@ -926,7 +941,7 @@ def test_the_viewer_reconnects_to_a_restarted_daemon(daemon: Daemon, tmp_path: P
     with viewer.DaemonLink(endpoints, endpoints_dir=endpoints_dir, control_timeout_ms=1000) as link:
         driven = Driven(link, link.start(viewer.initial_state(time.monotonic(), heartbeat_s)))
         state = driven.until(viewer.daemon_responding, "the daemon's heartbeat")
-        session, case_id = state.session, state.case["case_id"]
+        session, case_id = state.session, state.case.case_id
         assert case_id is not None
         assert daemon.stop() == 0
         state = driven.until(lambda s: not viewer.daemon_responding(s), "the viewer to notice the silence")
@@ -940,7 +955,7 @@ def test_the_viewer_reconnects_to_a_restarted_daemon(daemon: Daemon, tmp_path: P
                 lambda s: s.session != session and s.resync is None and viewer.daemon_responding(s),
                 "a snapshot of the restarted daemon",
             )
-            assert state.case["case_id"] == case_id  # the daemon resumed the case
+            assert state.case.case_id == case_id  # the daemon resumed the case
             assert link.endpoints.control == restarted.endpoints["control"]
         finally:
             restarted.stop()

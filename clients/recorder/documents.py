@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.daemon.protocol import AuditEntry, CaseSummary, ControlEntry, FovEntry
 from her2scope.scoring.results import ControlCalibration
 
 SCHEMA_VERSION = 1
@@ -211,17 +212,14 @@ def compose_start(
     rule: CaseRule,
     params_source: Literal["case message", "daemon state", "recorder config", "rescore"],
     pixel_size_um: float | None,
-    control: dict[str, Any] | None,
+    control: ControlEntry | None,
     daemon_session: str | None,
     rescore_of: str | None = None,
     changes: dict[str, tuple[Any, Any]] | None = None,
 ) -> tuple[StartDoc, Run]:
     """A case's start document and the :class:`Run` that makes the documents that follow it."""
-    calibration = None
-    control_fov_id = None
-    if control:
-        control_fov_id = control.get("fov_id")
-        calibration = ControlCalibration.model_validate({k: v for k, v in control.items() if k != "fov_id"})
+    calibration = ControlCalibration.model_validate(control.model_dump(exclude={"fov_id"})) if control else None
+    control_fov_id = control.fov_id if control else None
     start = StartDoc(
         uid=_uid(),
         time=time.time(),
@@ -279,7 +277,7 @@ class Run:
         fields.setdefault("time", time.time())
         return EventDoc(uid=_uid(), descriptor=self.descriptor.uid, seq_num=self._n_events, **fields)
 
-    def action(self, index: int, adjustment: dict[str, Any]) -> ActionDoc:
+    def action(self, index: int, adjustment: AuditEntry) -> ActionDoc:
         """The action document of the case's adjustment number ``index``."""
         self._n_actions += 1
         return ActionDoc(
@@ -288,35 +286,34 @@ class Run:
             run_start=self.start.uid,
             seq_num=self._n_actions,
             index=index,
-            at=str(adjustment.get("time", "")),
-            action=str(adjustment.get("action", "")),
-            args=dict(adjustment.get("args") or {}),
+            at=adjustment.time,
+            action=adjustment.action,
+            args=dict(adjustment.args),
         )
 
-    def stop(self, summary: dict[str, Any], exit_status: Literal["success", "abort", "fail"], reason: str) -> StopDoc:
-        """The stop document from the case's final summary (``CaseStore.summary``)."""
-        case = summary.get("case") or {}
-        control = summary.get("control") or None
+    def stop(self, summary: CaseSummary, exit_status: Literal["success", "abort", "fail"], reason: str) -> StopDoc:
+        """The stop document from the case's final summary."""
+        case, control = summary.case, summary.control
         return StopDoc(
             uid=_uid(),
             time=time.time(),
             run_start=self.start.uid,
             exit_status=exit_status,
             reason=reason,
-            closed_at=summary.get("closed_at"),
-            score=case.get("score"),
-            status=case.get("status"),
-            her2_low=case.get("her2_low"),
-            zero_subtype=case.get("zero_subtype"),
-            case_reason=case.get("reason"),
-            counts=case.get("counts"),
-            percentages=case.get("percentages"),
-            total=int(case.get("total") or 0),
-            n_fovs=int(case.get("n_fovs") or 0),
-            warnings=tuple(case.get("warnings") or ()),
-            control_fov_id=control.get("fov_id") if control else None,
-            control_qc_passed=control.get("qc_passed") if control else None,
-            excluded=tuple(f["fov_id"] for f in summary.get("fovs", []) if f.get("excluded")),
+            closed_at=summary.closed_at,
+            score=case.score.value if case and case.score else None,
+            status=case.status.value if case else None,
+            her2_low=case.her2_low if case else None,
+            zero_subtype=case.zero_subtype.value if case and case.zero_subtype else None,
+            case_reason=case.reason if case else None,
+            counts=case.counts.model_dump(mode="json") if case else None,
+            percentages=case.percentages if case else None,
+            total=case.total if case else 0,
+            n_fovs=case.n_fovs if case else 0,
+            warnings=case.warnings if case else (),
+            control_fov_id=control.fov_id if control else None,
+            control_qc_passed=control.qc_passed if control else None,
+            excluded=tuple(f.fov_id for f in summary.fovs if f.excluded),
             num_events=self._n_events,
         )
 
@@ -330,16 +327,16 @@ def document_schema() -> dict[str, Any]:
 
 
 def fov_data(
-    fov_id: str, result_body: dict[str, Any] | None, summary: dict[str, Any], entry: dict[str, Any] | None = None
+    fov_id: str, result_body: dict[str, Any] | None, summary: CaseSummary, entry: FovEntry | None = None
 ) -> FovData:
     """Event data from a result body (``ResultBody`` as JSON) or, after a gap, from the summary's FOV ``entry``."""
-    case = summary.get("case") or {}
+    case = summary.case
     refs = {
         "image": f"images/{fov_id}.png",
         "overlay": f"overlays/{fov_id}.png",
         "overlay_layers": f"overlays/{fov_id}/",
-        "case_score": case.get("score"),
-        "case_status": case.get("status"),
+        "case_score": case.score.value if case and case.score else None,
+        "case_status": case.status.value if case else None,
     }
     result = (result_body or {}).get("result")
     if result is not None:
@@ -364,13 +361,13 @@ def fov_data(
             calibration=(result_body or {}).get("calibration"),
             **refs,
         )
-    counts = (entry or {}).get("counts")
+    counts = entry.counts.model_dump(mode="json") if entry and entry.counts else None
     total = sum(counts.values()) if counts else 0
     return FovData(
         counts=counts,
         total=total,
         percentages={k: 100.0 * v / total if total else 0.0 for k, v in counts.items()} if counts else None,
-        score=(entry or {}).get("score"),
+        score=entry.score.value if entry and entry.score else None,
         call_status=None,
         her2_low=None,
         zero_subtype=None,
@@ -381,6 +378,6 @@ def fov_data(
         n_excluded_nuclei=None,
         tumour_area_mm2=None,
         pixel_size_um=None,
-        error=(result_body or {}).get("error") or (entry or {}).get("error"),
+        error=(result_body or {}).get("error") or (entry.error if entry else None),
         **refs,
     )

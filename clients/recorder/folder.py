@@ -27,6 +27,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from her2scope.clients.recorder.documents import DOCUMENT, ActionDoc, EventDoc, Run, StopDoc, document_schema
+from her2scope.daemon.protocol import CaseSummary
 
 log = structlog.get_logger(__name__)
 
@@ -146,7 +147,7 @@ class CaseFolder:
             self.state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             self.state = {}
-        self.summary: dict[str, Any] | None = None  # the latest case summary heard from the daemon
+        self.summary: CaseSummary | None = None  # the latest case summary heard from the daemon
         self.overlay_layers: dict[str, tuple[str, ...]] = {}
         self._pending_lines: list[bytes] = []
         self._pending_files: dict[str, bytes] = {}  # relative path → content, in insertion order

@@ -26,7 +26,9 @@ from her2scope.clients.recorder.documents import compose_start, fov_data
 from her2scope.clients.recorder.folder import REPORT_FILE, STATE_FILE, CaseFolder, _private_dir
 from her2scope.config.scoring import CaseRule, ScoringParams
 from her2scope.daemon.protocol import (
+    NO_CASE,
     CaseBody,
+    CaseSummary,
     Message,
     OverlayBody,
     ProtocolError,
@@ -196,11 +198,12 @@ class Recorder:
             more, more_complete, last_seq = self._replay(last_seq)
             messages, complete = [*messages, *more], complete and more_complete
         log.info("recorder_sync", why=why, session=session, since_seq=since, replayed=len(messages), complete=complete)
-        self._daemon_case = snapshot["case"].get("case_id")
+        snapshot_case = CaseSummary.model_validate(snapshot["case"])
+        self._daemon_case = snapshot_case.case_id
         for message in messages:
             self._apply(message, "replay")
         self.last_seq = max(self.last_seq, last_seq)
-        self._reconcile(snapshot["case"])
+        self._reconcile(snapshot_case)
         if self._daemon_case in self.folders:
             self.folders[self._daemon_case].save_state(
                 session=session, last_seq=self.last_seq, case_id=self._daemon_case
@@ -233,7 +236,7 @@ class Recorder:
         if isinstance(body, StatusBody):  # what the daemon has open now (replayed messages tell the past)
             self._daemon_case = body.case_id
         elif isinstance(body, CaseBody):
-            self._daemon_case = None if body.event == "closed" else body.case.get("case_id")
+            self._daemon_case = None if body.event == "closed" else body.case.case_id
         if header.session != self.session:
             log.info("daemon_restarted", session=header.session)
             self.state = LoopState.SYNCING
@@ -270,7 +273,7 @@ class Recorder:
             self.folders[case_id] = CaseFolder(self.out / case_id)
         return self.folders[case_id]
 
-    def _ensure_start(self, folder: CaseFolder, summary: dict[str, Any], body: CaseBody | None = None) -> None:
+    def _ensure_start(self, folder: CaseFolder, summary: CaseSummary, body: CaseBody | None = None) -> None:
         if folder.run is not None:
             if folder.run.descriptor is None:
                 folder.append(folder.run.make_descriptor())
@@ -291,14 +294,14 @@ class Recorder:
             log.warning("case_parameters_unknown", case_id=folder.case_id, using="the recorder's configuration")
         start, folder.run = compose_start(
             case_id=folder.case_id,
-            operator=summary.get("operator"),
-            started_at=summary.get("started_at"),
+            operator=summary.operator,
+            started_at=summary.started_at,
             software=software,
             params=params,
             rule=rule,
             params_source=source,
             pixel_size_um=pixel_size,
-            control=summary.get("control"),
+            control=summary.control,
             daemon_session=self.session,
         )
         folder.append(start)
@@ -313,9 +316,9 @@ class Recorder:
         except (OSError, ValueError):
             return None
 
-    def _record_actions(self, folder: CaseFolder, summary: dict[str, Any]) -> None:
+    def _record_actions(self, folder: CaseFolder, summary: CaseSummary) -> None:
         assert folder.run is not None
-        adjustments = summary.get("adjustments") or []
+        adjustments = summary.adjustments
         for index in range(folder.n_actions(), len(adjustments)):
             folder.append(folder.run.action(index, adjustments[index]))
 
@@ -323,7 +326,7 @@ class Recorder:
 
     def _on_case(self, body: CaseBody, session: str) -> None:
         summary = body.case
-        case_id = summary.get("case_id")
+        case_id = summary.case_id
         if not case_id:
             return
         folder = self.folder(case_id)
@@ -431,31 +434,31 @@ class Recorder:
                 pass
         log.warning("image_missing", case_id=folder.case_id, fov=fov_id)
 
-    def _fill_from_summary(self, folder: CaseFolder, summary: dict[str, Any]) -> None:
+    def _fill_from_summary(self, folder: CaseFolder, summary: CaseSummary) -> None:
         """Give each scored/failed FOV of ``summary`` without an event one (after a gap), and fetch its image."""
         assert folder.run is not None
-        for entry in summary.get("fovs", []):
-            if entry["status"] == "pending" or folder.has_event(entry["fov_id"]):
+        for entry in summary.fovs:
+            if entry.status == "pending" or folder.has_event(entry.fov_id):
                 continue
-            self._fetch_image(folder, entry["fov_id"])
+            self._fetch_image(folder, entry.fov_id)
             event = folder.run.event(
-                fov_id=entry["fov_id"],
-                kind=entry["kind"],
-                status=entry["status"],
+                fov_id=entry.fov_id,
+                kind=entry.kind,
+                status=entry.status,
                 rescore=False,
                 source="snapshot",
                 daemon_session=self.session,
                 daemon_seq=None,
-                data=fov_data(entry["fov_id"], None, summary, entry),
+                data=fov_data(entry.fov_id, None, summary, entry),
             )
             folder.append(event)
-            log.info("fov_recorded_from_snapshot", case_id=folder.case_id, fov=entry["fov_id"])
-        for entry in summary.get("fovs", []):  # images of FOVs whose event was written while an image was missing
-            self._fetch_image(folder, entry["fov_id"])
+            log.info("fov_recorded_from_snapshot", case_id=folder.case_id, fov=entry.fov_id)
+        for entry in summary.fovs:  # images of FOVs whose event was written while an image was missing
+            self._fetch_image(folder, entry.fov_id)
 
-    def _reconcile(self, case: dict[str, Any]) -> None:
+    def _reconcile(self, case: CaseSummary) -> None:
         """After a replay: the snapshot's case gets events for its unrecorded FOVs; cases that ended unheard stop."""
-        case_id = case.get("case_id")
+        case_id = case.case_id
         if case_id:
             folder = self.folder(case_id)
             if not folder.stopped:
@@ -479,22 +482,22 @@ class Recorder:
 
     def _abort(self, folder: CaseFolder, reason: str) -> None:
         assert folder.run is not None
-        summary = folder.summary or {}
-        self._fetch_missing(folder, summary)
+        summary = folder.summary or NO_CASE
+        self._fetch_missing(folder)
         folder.append(folder.run.stop(summary, "abort", reason))
         folder.save_state(closed=True)
         self._dirty.add(folder.case_id)
         log.warning("case_aborted", case_id=folder.case_id, reason=reason)
 
-    def _fetch_missing(self, folder: CaseFolder, summary: dict[str, Any]) -> list[str]:
+    def _fetch_missing(self, folder: CaseFolder) -> list[str]:
         for event in folder.events():
             self._fetch_image(folder, event.fov_id)
         return [e.fov_id for e in folder.events() if not folder.has_file(e.data.image)]
 
-    def _finish(self, folder: CaseFolder, summary: dict[str, Any]) -> None:
+    def _finish(self, folder: CaseFolder, summary: CaseSummary) -> None:
         assert folder.run is not None
-        missing = self._fetch_missing(folder, summary)
-        unscored = [f["fov_id"] for f in summary.get("fovs", []) if f["status"] == "pending"]
+        missing = self._fetch_missing(folder)
+        unscored = [f.fov_id for f in summary.fovs if f.status == "pending"]
         problems = []
         if missing:
             problems.append(f"images missing: {', '.join(missing)}")

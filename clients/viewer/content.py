@@ -5,15 +5,13 @@ Pure functions of the state; ``render`` draws them, ``terminal_summary`` prints 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from her2scope.clients.viewer.palette import ACCENT, BAD, BGR, CLASS_BGR, GOOD, MUTED, STABILITY_COLOURS, TEXT, WARN
 from her2scope.clients.viewer.state import (
     SILENT_INTERVALS,
     ViewerState,
-    case_entry,
     daemon_responding,
     rule_text,
     silence_s,
@@ -95,13 +93,6 @@ def _score_text(score: object) -> str:
     return f"HER2 {score}" if score is not None else "HER2 n/a"
 
 
-def _percentages(counts: Mapping[str, Any] | None) -> list[float] | None:
-    if not counts:
-        return None
-    total = sum(int(counts.get(c, 0)) for c in CLASSES)
-    return [100.0 * int(counts.get(c, 0)) / total if total else 0.0 for c in CLASSES]
-
-
 @dataclass(frozen=True, slots=True)
 class TableRow:
     """A row of the per-FOV table: its cells (id, cells, % 0, % 1+, % 2+, % 3+, score), marks and colour."""
@@ -125,23 +116,22 @@ TABLE_HEADER = TableRow(("FOV", "cells", "0", "1+", "2+", "3+", "score"), colour
 def fov_table(state: ViewerState) -> list[TableRow]:
     """The per-FOV table, header first: id, cells, % per class, score and marks (ROI, excluded, failed)."""
     rows = [TABLE_HEADER]
-    for entry in state.case.get("fovs") or []:
-        fov_id = str(entry.get("fov_id", "?"))
-        status = entry.get("status")
-        percentages = _percentages(entry.get("counts"))
+    for entry in state.case.fovs:
+        fov_id, status = entry.fov_id, entry.status
+        percentages = list(entry.counts.percentages().values()) if entry.counts else None
         if status == "failed":
-            rows.append(TableRow((fov_id,), f"failed: {str(entry.get('error') or '')[:40]}", BAD))
+            rows.append(TableRow((fov_id,), f"failed: {(entry.error or '')[:40]}", BAD))
             continue
         if status == "pending" and percentages is None:
             rows.append(TableRow((fov_id,), "scoring…", MUTED))
             continue
         numbers = [f"{p:.1f}" for p in percentages] if percentages else ["-"] * 4
-        score = entry.get("score")
-        marks = [mark for mark, on in (("ROI", entry.get("roi")), ("excl.", entry.get("excluded"))) if on]
+        score = entry.score
+        marks = [mark for mark, on in (("ROI", entry.roi), ("excl.", entry.excluded)) if on]
         if status == "pending":
             marks.append("re-scoring")
-        colour = MUTED if entry.get("excluded") else TEXT
-        cells = (fov_id, str(int(entry.get("total") or 0)), *numbers, str(score) if score is not None else "n/a")
+        colour = MUTED if entry.excluded else TEXT
+        cells = (fov_id, str(entry.total), *numbers, str(score) if score is not None else "n/a")
         rows.append(TableRow(cells, " ".join(marks), colour))
     return rows
 
@@ -149,46 +139,41 @@ def fov_table(state: ViewerState) -> list[TableRow]:
 def case_lines(state: ViewerState) -> list[Line]:
     """The running case summary: score, status, HER2-low/ultralow, percentages, control, warnings."""
     case = state.case
-    case_id = case.get("case_id")
+    case_id = case.case_id
     if case_id is None:
         return [
             Line("NO OPEN CASE", MUTED, "heading"),
             Line("press n to start a case, or space to capture (a case starts by itself)", MUTED, "small"),
         ]
-    closed = " (closed)" if not case.get("open") else ""
+    closed = " (closed)" if not case.open else ""
     lines = [Line(f"CASE {case_id}{closed}", MUTED, "heading")]
-    result = case.get("case")
-    if not result:
+    result = case.case
+    if result is None:
         lines.append(Line("no scored FOV yet", MUTED))
         return lines
-    score = result.get("score")
+    score = result.score
     lines.append(Line(_score_text(score), CLASS_BGR.get(str(score), TEXT), "score"))
-    lines.append(Line(str(result.get("status", "")), TEXT))
-    if result.get("her2_low"):
+    lines.append(Line(str(result.status), TEXT))
+    if result.her2_low:
         lines.append(Line("HER2-low", ACCENT))
-    elif result.get("zero_subtype") == "ultralow":
-        lines.append(Line("HER2-ultralow", ACCENT))
-    elif result.get("zero_subtype") == "null":
-        lines.append(Line("HER2-null", ACCENT))
-    percentages = result.get("percentages") or {}
-    values = tuple(float(percentages.get(c, 0.0)) for c in CLASSES)
+    elif result.zero_subtype is not None:
+        lines.append(Line(f"HER2-{result.zero_subtype}", ACCENT))
+    values = tuple(float(result.percentages.get(c, 0.0)) for c in CLASSES)
     lines.append(Line("", style="bar", values=values))
     lines.append(Line("   ".join(f"{c}: {v:.1f}%" for c, v in zip(CLASSES, values, strict=True)), TEXT, "small"))
-    n_fovs = int(result.get("n_fovs") or 0)
-    lines.append(Line(f"{n_fovs} FOV{'' if n_fovs == 1 else 's'} · {int(result.get('total') or 0):,} cells", MUTED))
-    control = case.get("control")
+    n_fovs = result.n_fovs
+    lines.append(Line(f"{n_fovs} FOV{'' if n_fovs == 1 else 's'} · {result.total:,} cells", MUTED))
+    control = case.control
     if control:
-        ok = bool(control.get("qc_passed", True))
-        threshold = control.get("intense_threshold_od")
-        detail = f", intense > {threshold:.2f} OD" if isinstance(threshold, int | float) else ""
-        text = f"{control.get('fov_id')}: {'calibrated' if ok else 'failed QC'}{detail}"
+        ok = control.qc_passed
+        verdict = "calibrated" if ok else "failed QC"
+        text = f"{control.fov_id}: {verdict}, intense > {control.intense_threshold_od:.2f} OD"
         lines.append(Line(text, GOOD if ok else WARN, "small"))
-    warnings = [str(w) for w in result.get("warnings") or []]
+    warnings = list(result.warnings)
     if not control and not any("positive control" in w for w in warnings):
         warnings.insert(0, "no positive control: press k with the control tissue in view")
-    reason = result.get("reason")
-    if reason and not warnings and score is None:
-        lines.append(Line(str(reason), MUTED, "small"))
+    if result.reason and not warnings and score is None:
+        lines.append(Line(result.reason, MUTED, "small"))
     lines.extend(Line(f"! {w}", WARN, "small") for w in warnings)
     return lines
 
@@ -225,15 +210,16 @@ def pane_title(state: ViewerState, which: Literal["live", "fov"]) -> tuple[str, 
     fov_id = state.shown_fov
     if fov_id is None:
         return "LAST FOV", MUTED
-    entry = case_entry(state, fov_id) or {}
-    status = entry.get("status")
-    if status == "scored":
-        score_text = _score_text(entry.get("score"))
+    entry = state.case.fov(fov_id)
+    status = entry.status if entry else None
+    if entry is not None and status == "scored":
+        score_text = _score_text(entry.score)
     else:
-        score_text = "scoring…" if status == "pending" or not entry else str(status)
-    if entry.get("excluded"):
+        score_text = "scoring…" if status == "pending" or entry is None else str(status)
+    if entry is not None and entry.excluded:
         score_text += " (excluded)"
-    return f"{fov_id}   {score_text}", CLASS_BGR.get(str(entry.get("score")), TEXT) if status == "scored" else TEXT
+    colour = CLASS_BGR.get(str(entry.score), TEXT) if entry is not None and status == "scored" else TEXT
+    return f"{fov_id}   {score_text}", colour
 
 
 def fov_details(state: ViewerState) -> list[tuple[str, BGR]]:

@@ -241,7 +241,7 @@ class DaemonLink:
             messages = self._control.replay(0, self._timeout_ms).messages
         except ControlError:
             return state
-        case_id = state.case.get("case_id")
+        case_id = state.case.case_id
         newest: dict[str, Message] = {}
         for message in messages:
             body = message.body

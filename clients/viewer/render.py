@@ -152,7 +152,7 @@ def _status_bar(canvas: Image, rect: Rect, state: ViewerState) -> None:
     _fill(canvas, rect, BAR)
     baseline = rect.y + rect.h // 2 + 7
     x = _text(canvas, "her2scope", rect.x + 14, baseline, ACCENT, 19, bold=True) + 24
-    case_id = state.case.get("case_id")
+    case_id = state.case.case_id
     label = f"case {case_id}" if case_id else ""
     limit = rect.w - 30 - (_text_width(label, 17) if label else 0)
     for text, colour in status_segments(state):

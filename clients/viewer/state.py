@@ -12,10 +12,11 @@ import numpy as np
 import numpy.typing as npt
 
 from her2scope.clients.viewer.geometry import DEFAULT_SIZE, Rect, Size, Vertex, display_to_fov, fit, image_area, layout
-from her2scope.daemon.case_store import NO_CASE_SUMMARY
 from her2scope.daemon.protocol import (
+    NO_CASE,
     CaptureBody,
     CaseBody,
+    CaseSummary,
     Message,
     OverlayBody,
     PreviewBody,
@@ -41,7 +42,7 @@ LAYER_KEYS: Mapping[str, str] = {str(i + 1): name for i, name in enumerate(LAYER
 MODE_NAMES: Mapping[Mode, str] = {"roi": "ROI", "weak": "weak-staining region", "intense": "intense region"}
 MODE_COMMANDS: Mapping[Mode, str] = {"roi": "set-roi", "weak": "set-weak", "intense": "set-intense"}
 
-EMPTY_CASE: Mapping[str, Any] = NO_CASE_SUMMARY
+EMPTY_CASE: CaseSummary = NO_CASE
 
 #: The rules key g cycles through for the next case: (guideline, specimen).
 RULE_CHOICES: tuple[tuple[str, str], ...] = (("breast", "resection"), ("gastric", "resection"), ("gastric", "biopsy"))
@@ -90,7 +91,7 @@ class ViewerState:
     last_heard: float | None = None
     status: Mapping[str, Any] | None = None
     status_seq: int = 0
-    case: Mapping[str, Any] = field(default_factory=lambda: EMPTY_CASE)
+    case: CaseSummary = EMPTY_CASE
     preview: Image | None = None
     preview_frame_index: int = -1
     preview_session: str | None = None
@@ -252,15 +253,15 @@ def _apply_message(state: ViewerState, message: Message) -> ViewerState:
         case Topic.RESULT:
             body = message.body
             assert isinstance(body, ResultBody)
-            state = _with_case(state, dict(body.case))
-            if body.result is None or header.case_id != state.case.get("case_id"):
+            state = _with_case(state, body.case)
+            if body.result is None or header.case_id != state.case.case_id:
                 return state
             return dataclasses.replace(state, results={**state.results, body.fov_id: _result_facts(body.result)})
         case Topic.CASE:
             case_body = message.body
             assert isinstance(case_body, CaseBody)
-            state = _with_case(state, dict(case_body.case))
-            return with_notice(state, f"case {case_body.case.get('case_id')} {case_body.event}")
+            state = _with_case(state, case_body.case)
+            return with_notice(state, f"case {case_body.case.case_id} {case_body.event}")
         case Topic.OVERLAY:
             return _apply_overlay(state, message)
     return state
@@ -283,12 +284,10 @@ def _result_facts(result: Mapping[str, Any]) -> Mapping[str, Any]:
     }
 
 
-def _with_case(state: ViewerState, case: Mapping[str, Any]) -> ViewerState:
-    if not isinstance(case.get("fovs", []), list):
-        raise TypeError("case summary 'fovs' is not a list")
-    case_id = case.get("case_id")
+def _with_case(state: ViewerState, case: CaseSummary) -> ViewerState:
+    case_id = case.case_id
     fovs, results = state.fovs, state.results
-    if case_id is not None and case_id != state.case.get("case_id"):
+    if case_id is not None and case_id != state.case.case_id:
         fovs = {k: v for k, v in fovs.items() if v.case_id == case_id}  # FOV ids start again in every case
         results = {}
     shown = state.shown_fov if state.shown_fov in fovs else None
@@ -296,7 +295,7 @@ def _with_case(state: ViewerState, case: Mapping[str, Any]) -> ViewerState:
 
 
 def _apply_snapshot(state: ViewerState, data: Mapping[str, Any]) -> ViewerState:
-    state = _with_case(state, dict(data["case"]))
+    state = _with_case(state, CaseSummary.model_validate(data["case"]))
     return dataclasses.replace(
         state,
         session=str(data["session"]),
@@ -359,7 +358,7 @@ def _apply_overlay(state: ViewerState, message: Message) -> ViewerState:
     if fov is not None and fov.overlay_seq >= message.header.seq:
         return state
     if fov is None:
-        if message.header.case_id != state.case.get("case_id"):
+        if message.header.case_id != state.case.case_id:
             return state
         fov = FovView(body.fov_id, body.kind, message.header.case_id)
     layers: dict[str, Image] = {}
@@ -532,8 +531,8 @@ def press(state: ViewerState, key: int) -> tuple[ViewerState, tuple[Action, ...]
         enabled = not bool((state.status or {}).get("auto_capture", True))
         return state, (Send("auto-capture", {"enabled": enabled}),)
     if char == "e" and state.shown_fov is not None:
-        entry = case_entry(state, state.shown_fov)
-        command = "include" if entry is not None and entry.get("excluded") else "exclude"
+        entry = state.case.fov(state.shown_fov)
+        command = "include" if entry is not None and entry.excluded else "exclude"
         return state, (Send(command, {"fov_id": state.shown_fov}),)
     return state, ()
 
@@ -561,10 +560,6 @@ def _next_rule_choice(state: ViewerState) -> tuple[str, str]:
             current = RULE_CHOICES[0]  # the breast rule ignores the specimen
     index = RULE_CHOICES.index(current) if current in RULE_CHOICES else -1
     return RULE_CHOICES[(index + 1) % len(RULE_CHOICES)]
-
-
-def case_entry(state: ViewerState, fov_id: str) -> Mapping[str, Any] | None:
-    return next((f for f in state.case.get("fovs") or [] if f.get("fov_id") == fov_id), None)
 
 
 def _enter_mode(state: ViewerState, mode: Mode) -> ViewerState:
