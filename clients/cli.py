@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from her2scope.clients.options import ConfigOption, DaemonStateOption, JsonLogsOption
+from her2scope.clients.options import ConfigOption, DaemonStateOption, JsonLogsOption, KeyOption
 
 app = typer.Typer(
     name="her2scope",
@@ -163,6 +163,7 @@ def record(
     out: Annotated[Path, typer.Option("--out", help="Folder of the case folders.")] = Path("~/her2scope-cases"),
     daemon_state: DaemonStateOption = None,
     json_logs: JsonLogsOption = None,
+    key: KeyOption = None,
 ) -> None:
     """Record every case of the daemon: event log, lossless images, overlays and an HTML report per case."""
     import signal
@@ -170,15 +171,17 @@ def record(
     from her2scope.clients.control import live_endpoints
     from her2scope.clients.recorder import Recorder
     from her2scope.config.app import ConfigError, load_config
+    from her2scope.daemon.curve import CurveError, client_keys
     from her2scope.daemon.logs import configure_logging
 
     configure_logging(json_logs)
     try:
         app_config = load_config(config)
-    except ConfigError as error:
+        state = (daemon_state or app_config.daemon.state.directory).expanduser()
+        curve = client_keys(app_config.daemon.zmq, state, key)
+    except (ConfigError, CurveError) as error:
         raise _fail(str(error)) from None
     zmq_config = app_config.daemon.zmq
-    state = (daemon_state or app_config.daemon.state.directory).expanduser()
     configured = {"publish": zmq_config.publish, "control": zmq_config.control}
     try:
         recorder = Recorder(
@@ -189,6 +192,7 @@ def record(
             pixel_size_um=app_config.optics.pixel_size_um,
             daemon_state=state,
             heartbeat_ms=zmq_config.heartbeat_ms,
+            curve=curve,
         )
     except OSError as error:
         raise _fail(f"{error.filename or out}: {error.strerror or error}") from None
@@ -271,25 +275,27 @@ def view(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Folder of the --headless-frames PNGs.")] = None,
     size: Annotated[str, typer.Option("--size", help="Window size, WIDTHxHEIGHT.")] = "1600x900",
+    key: KeyOption = None,
 ) -> None:
     """Show the live view, the last FOV with its overlays and the case score in a window (keys in its footer)."""
     import time
 
     from her2scope.clients import viewer
-    from her2scope.clients.control import ControlError
+    from her2scope.clients.control import ControlError, daemon_curve
     from her2scope.config.app import ConfigError
 
     try:
         canvas = viewer.parse_size(size)
         endpoints, endpoints_dir, heartbeat_s = viewer.resolve_endpoints(config, daemon_state)
-    except (ValueError, ConfigError, ControlError) as error:
+        curve = daemon_curve(config, daemon_state, key)
+    except (ValueError, ConfigError, ControlError) as error:  # CurveError is a ValueError
         raise _fail(str(error)) from None
     if headless_frames is None and not viewer.has_display():
         raise _fail("no display to open a window on: use --headless-frames N --out DIR, or run it on the desktop")
     if headless_frames is not None and out is None:
         raise _fail("--headless-frames needs --out DIR for the PNG frames")
     state = viewer.initial_state(time.monotonic(), heartbeat_s)
-    with viewer.DaemonLink(endpoints, endpoints_dir=endpoints_dir) as link:
+    with viewer.DaemonLink(endpoints, endpoints_dir=endpoints_dir, curve=curve) as link:
         try:
             if headless_frames is not None and out is not None:
                 state, written = viewer.run_headless(link, state, headless_frames, out, canvas)
@@ -301,6 +307,40 @@ def view(
             pass
         except OSError as error:
             raise _fail(f"{error.filename or out}: {error.strerror or error}") from None
+
+
+@app.command()
+def keys(
+    role: Annotated[str, typer.Argument(help="server (the daemon's pair) or client (a client's pair).")],
+    name: Annotated[str | None, typer.Argument(help="The client's name (its key files are NAME.key*).")] = None,
+    folder: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Write the keys here [default: the daemon's key folder, <state>/curve]."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Make CurveZMQ keys (files 0600): `keys server` the daemon's pair, `keys client NAME` a client's pair, whose
+    public key in the daemon's clients/ folder lets NAME connect (see docs/protocol.md, section 11)."""
+    from her2scope.config.app import ConfigError, load_config
+    from her2scope.daemon.curve import CLIENTS, CurveError, create_client_keys, create_server_keys, curve_directory
+
+    try:
+        app_config = load_config(config)
+        directory = folder or curve_directory(app_config.daemon.zmq, app_config.daemon.state.directory)
+        if role == "server" and name is None:
+            public, secret = create_server_keys(directory)
+            typer.echo(f"daemon's secret key: {secret} (stays on this PC)")
+            typer.echo(f"daemon's public key: {public} (copy it to every client: --config's daemon.zmq.server_key)")
+        elif role == "client" and name is not None:
+            public, secret = create_client_keys(directory if folder else directory / CLIENTS, name)
+            typer.echo(f"{name}'s public key: {public} (the daemon accepts it once it is in its {CLIENTS}/ folder)")
+            typer.echo(f"{name}'s secret key: {secret} (give it to {name}'s client: --key; delete it here after)")
+        else:
+            raise CurveError("use `her2scope keys server` or `her2scope keys client NAME`")
+    except (ConfigError, CurveError) as error:
+        raise _fail(str(error)) from None
+    except OSError as error:
+        raise _fail(f"{error.filename or directory}: {error.strerror or error}") from None
 
 
 def run() -> Any:

@@ -15,6 +15,7 @@ import zmq
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
+from her2scope.daemon.curve import ClientKeys, secure_client
 from her2scope.daemon.protocol import Command, Message, ProtocolError, Reply, Request, decode, request_id
 
 
@@ -23,12 +24,21 @@ class ControlError(RuntimeError):
 
 
 class ControlClient:
-    """Sends requests to the daemon's ROUTER endpoint from a DEALER socket; every call has a timeout."""
+    """Sends requests to the daemon's ROUTER endpoint from a DEALER socket; every call has a timeout. With
+    ``curve``, the socket authenticates with those keys and is encrypted (a daemon that uses CURVE answers nothing
+    else: requests then time out)."""
 
-    def __init__(self, endpoint: str, timeout_ms: float = 5000.0, context: zmq.Context[Any] | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_ms: float = 5000.0,
+        context: zmq.Context[Any] | None = None,
+        curve: ClientKeys | None = None,
+    ) -> None:
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        secure_client(self._socket, curve)
         self._socket.connect(endpoint)
         self._timeout_ms = timeout_ms
         self._ids = itertools.count(1)
@@ -121,12 +131,20 @@ class Replay:
 
 
 class Subscriber:
-    """A SUB socket on the daemon's publisher that decodes messages; ``receive`` has a timeout."""
+    """A SUB socket on the daemon's publisher that decodes messages; ``receive`` has a timeout. ``curve``: as for
+    :class:`ControlClient`."""
 
-    def __init__(self, endpoint: str, topics: Sequence[str] = ("",), context: zmq.Context[Any] | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        topics: Sequence[str] = ("",),
+        context: zmq.Context[Any] | None = None,
+        curve: ClientKeys | None = None,
+    ) -> None:
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
+        secure_client(self._socket, curve)
         self._socket.setsockopt(zmq.RCVHWM, 1000)
         for topic in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
@@ -189,12 +207,26 @@ def daemon_endpoints(config_path: Path | None = None, state_directory: Path | No
     return live_endpoints(state, {"publish": config.daemon.zmq.publish, "control": config.daemon.zmq.control})
 
 
+def daemon_curve(
+    config_path: Path | None = None, state_directory: Path | None = None, key_file: Path | None = None
+) -> ClientKeys | None:
+    """The CURVE keys a client of the configuration's daemon uses (``key_file`` or ``client_key``, with the daemon's
+    public key), None without a key. ConfigError for a bad configuration, CurveError for a missing or bad key."""
+    from her2scope.config.app import load_config
+    from her2scope.daemon.curve import client_keys
+
+    config = load_config(config_path)
+    state = (state_directory or config.daemon.state.directory).expanduser()
+    return client_keys(config.daemon.zmq, state, key_file)
+
+
 __all__ = [
     "ControlClient",
     "ControlError",
     "ProtocolError",
     "Replay",
     "Subscriber",
+    "daemon_curve",
     "daemon_endpoints",
     "live_endpoints",
     "read_endpoints",

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from her2scope.clients.options import ConfigOption, DaemonStateOption
+from her2scope.clients.options import ConfigOption, DaemonStateOption, KeyOption
 from her2scope.daemon.protocol import CaseSummary
 
 ctl_app = typer.Typer(
@@ -27,22 +27,32 @@ EXIT_UNREACHABLE = 3
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the daemon's reply as JSON.")]
 TimeoutOption = Annotated[float, typer.Option("--timeout-ms", help="How long to wait for the daemon.")]
 
+_key_file: list[Path] = []  # --key, given before the command (her2scope ctl --key FILE status)
+
+
+@ctl_app.callback()
+def _options(key: KeyOption = None) -> None:
+    """Control a running daemon: capture, control, case start/close, status."""
+    _key_file[:] = [key] if key is not None else []
+
 
 def _call(
     command: str, config: Path | None, state: Path | None, timeout_ms: float, as_json: bool, **args: Any
 ) -> dict[str, Any]:
-    from her2scope.clients.control import ControlClient, ControlError, daemon_endpoints
+    from her2scope.clients.control import ControlClient, ControlError, daemon_curve, daemon_endpoints
     from her2scope.config.app import ConfigError
+    from her2scope.daemon.curve import CurveError
 
     try:
         endpoints = daemon_endpoints(config, state)
-    except ConfigError as error:
+        curve = daemon_curve(config, state, _key_file[0] if _key_file else None)
+    except (ConfigError, CurveError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
     except ControlError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(EXIT_UNREACHABLE) from None
-    with ControlClient(endpoints["control"], timeout_ms=timeout_ms) as client:
+    with ControlClient(endpoints["control"], timeout_ms=timeout_ms, curve=curve) as client:
         try:
             reply, _ = client.request(command, **args)
         except ControlError as error:

@@ -15,3 +15,11 @@ DaemonStateOption = Annotated[
 JsonLogsOption = Annotated[
     bool | None, typer.Option("--json-logs/--pretty-logs", help="Log format [default: JSON unless a terminal].")
 ]
+KeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--key",
+        help="This client's CurveZMQ secret key file (NAME.key_secret, from `her2scope keys client NAME`), for a "
+        "daemon that uses CURVE [default: the config's daemon.zmq.client_key].",
+    ),
+]

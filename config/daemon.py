@@ -161,7 +161,28 @@ class ZmqConfig(_Frozen):
     replay_buffer_mib: int = Field(
         64, ge=1, le=4096, description="... and at most this many MiB of them (overlays are about 0.5 MiB each)"
     )
-    allow_remote: bool = Field(False, description="Allow binding to addresses other than loopback")
+    allow_remote: bool = Field(
+        False, description="Allow binding to addresses other than loopback (needs the CURVE keys: curve_directory)"
+    )
+    curve_directory: Path | None = Field(
+        None,
+        description="CurveZMQ keys: server.key_secret and the allow-list clients/NAME.key (her2scope keys); "
+        "default: <state directory>/curve",
+    )
+    require_curve: bool = Field(
+        False, description="CURVE authentication and encryption on loopback and ipc:// too (on with allow_remote)"
+    )
+    client_key: Path | None = Field(
+        None, description="Clients (view, record, ctl): this client's secret key file NAME.key_secret (--key)"
+    )
+    server_key: Path | None = Field(
+        None, description="Clients: the daemon's public key file server.key; default: <curve_directory>/server.key"
+    )
+
+    @property
+    def curve(self) -> bool:
+        """Whether the daemon's sockets use CURVE."""
+        return self.allow_remote or self.require_curve
 
     @model_validator(mode="after")
     def _loopback_unless_allowed(self) -> ZmqConfig:

@@ -30,10 +30,11 @@ import numpy as np
 import structlog
 import zmq
 
-from her2scope.config.app import AppConfig
+from her2scope.config.app import AppConfig, ConfigError
 from her2scope.config.scoring import CaseRule, Guideline, Specimen
 from her2scope.daemon import systemd
 from her2scope.daemon.case_store import CaseError, CaseState, CaseStore, FovRecord, atomic_write, private_dir
+from her2scope.daemon.curve import CurveError, ServerKeys, curve_directory, load_server_keys, secure_server
 from her2scope.daemon.frames import Frame, FrameSource
 from her2scope.daemon.grabber import CameraState, CameraStatus, FrameGrabber
 from her2scope.daemon.protocol import (
@@ -113,6 +114,14 @@ class Daemon:
         self.worker = ScoringWorker(daemon_config.worker.timeout_ms)
         state_dir = daemon_config.state.directory.expanduser()
         private_dir(state_dir)
+        self._curve: ServerKeys | None = None
+        if daemon_config.zmq.curve:  # refused here, before anything starts: never exposed without keys
+            why = "allow_remote = true" if daemon_config.zmq.allow_remote else "require_curve = true"
+            try:
+                self._curve = load_server_keys(curve_directory(daemon_config.zmq, state_dir))
+            except CurveError as error:
+                raise ConfigError(f"[daemon.zmq] {why} needs CURVE keys: {error}") from None
+        self._authenticator: Any = None
         self.store = CaseStore(state_dir, max_audit_entries=config.limits.max_audit_entries)
         self._triggers: queue.SimpleQueue[_Trigger] = queue.SimpleQueue()
         self._trigger_ms: dict[str, float] = {}  # fov_id → when its capture was asked for
@@ -162,6 +171,8 @@ class Daemon:
         # megabytes each), then drop the rest silently; mandatory routing makes a full queue an error we answer
         self._control.setsockopt(zmq.SNDHWM, self.config.limits.max_unread_replies)
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self._curve is not None:
+            self._start_authenticator(self._curve)
         self._pub.bind(zmq_config.publish)
         self._control.bind(zmq_config.control)
         self.endpoints = {
@@ -193,6 +204,18 @@ class Daemon:
             resumed_case=resumed.case_id if resumed else None,
             **self.endpoints,
         )
+
+    def _start_authenticator(self, keys: ServerKeys) -> None:
+        """CURVE on both sockets, and a ZAP handler that lets only the allow-list's public keys complete the
+        handshake (an unknown client gets nothing, not even previews)."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._authenticator = ThreadAuthenticator(self._context)
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=str(keys.allowed))
+        for socket in (self._pub, self._control):
+            secure_server(socket, keys)
+        log.info("curve_enabled", allowed_keys=len(list(keys.allowed.glob("*.key"))), folder=str(keys.allowed))
 
     def _resume(self) -> CaseState | None:
         """The case open when the daemon stopped; one that cannot be read is set aside (never resumed again, its
@@ -254,6 +277,8 @@ class Daemon:
                 log.error("shutdown_step_failed", step=name, error=repr(error))
         self._pub.close(linger=0)
         self._control.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
         self._context.term()
         self.state = DaemonState.STOPPED
         log.info("daemon_stopped")

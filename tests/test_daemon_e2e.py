@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from her2scope.clients.control import ControlClient, ControlError, Subscriber, read_endpoints
+from her2scope.daemon.curve import ClientKeys
 from her2scope.daemon.protocol import Message, Topic
 from tests.conftest import die_with_parent
 
@@ -73,9 +74,15 @@ class Daemon:
     """A daemon subprocess with its clients."""
 
     def __init__(
-        self, state: Path, config_path: Path, log_path: Path, preexec_fn: Callable[[], None] = die_with_parent
+        self,
+        state: Path,
+        config_path: Path,
+        log_path: Path,
+        preexec_fn: Callable[[], None] = die_with_parent,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.state = state
+        self.curve = curve  # the clients' keys, for a daemon that uses CURVE
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
@@ -95,7 +102,7 @@ class Daemon:
                 what="the daemon's endpoints",
             )
             self.endpoints = read_endpoints(state)
-            self.control = ControlClient(self.endpoints["control"], timeout_ms=5000)
+            self.control = ControlClient(self.endpoints["control"], timeout_ms=5000, curve=curve)
             wait_for(self._running, what="the daemon to answer status")
         except BaseException:  # a daemon that never got ready is killed, not left behind
             if self.process.poll() is None:
@@ -113,7 +120,7 @@ class Daemon:
             return False
 
     def subscribe(self, *topics: Topic) -> Subscriber:
-        return Subscriber(self.endpoints["publish"], [t.value for t in topics] or [""])
+        return Subscriber(self.endpoints["publish"], [t.value for t in topics] or [""], curve=self.curve)
 
     def stop(self) -> int:
         self.control.close()
@@ -171,13 +178,14 @@ def running_daemon(
     extra_config: str = "",
     preexec_fn: Callable[[], None] = die_with_parent,
     base_config: str = CONFIG,
+    curve: ClientKeys | None = None,
 ) -> Iterator[Daemon]:
     """A daemon on ``base_config`` (``CONFIG``, with ``{state}`` filled in) plus ``extra_config``, with its state,
     configuration and log in ``root``; stopped afterwards (or, when it has died, its log closed)."""
     state = root / "state"
     config = root / "config.toml"
     config.write_text(base_config.format(state=state) + extra_config)
-    running = Daemon(state, config, root / "daemon.log", preexec_fn)
+    running = Daemon(state, config, root / "daemon.log", preexec_fn, curve)
     try:
         yield running
     finally:

@@ -25,6 +25,7 @@ from her2scope.clients.control import ControlClient, ControlError, Subscriber
 from her2scope.clients.recorder.documents import compose_start, fov_data
 from her2scope.clients.recorder.folder import REPORT_FILE, STATE_FILE, CaseFolder, _private_dir
 from her2scope.config.scoring import CaseRule, ScoringParams
+from her2scope.daemon.curve import ClientKeys
 from her2scope.daemon.protocol import (
     NO_CASE,
     CaseBody,
@@ -71,6 +72,7 @@ class Recorder:
         daemon_state: Path | None = None,
         heartbeat_ms: float = 1000.0,
         timeout_ms: float = 5000.0,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.out = out.expanduser()
         _private_dir(self.out)
@@ -79,6 +81,7 @@ class Recorder:
         self._daemon_state = daemon_state.expanduser() if daemon_state else None
         self._silence_ms = max(5 * heartbeat_ms, 2000.0)
         self._timeout_ms = timeout_ms
+        self._curve = curve  # CURVE keys for a daemon that uses them (docs/protocol.md, section 11)
         self._context: zmq.Context[Any] = zmq.Context()
         self._subscriber: Subscriber | None = None
         self._control: ControlClient | None = None
@@ -156,9 +159,13 @@ class Recorder:
             log.warning("daemon_not_found", error=str(error))
             self.state = LoopState.DISCONNECTED
             return
-        self._subscriber = Subscriber(endpoints["publish"], [t.value for t in TOPICS], context=self._context)
+        self._subscriber = Subscriber(
+            endpoints["publish"], [t.value for t in TOPICS], context=self._context, curve=self._curve
+        )
         self._control_endpoint = endpoints["control"]
-        self._control = ControlClient(self._control_endpoint, timeout_ms=self._timeout_ms, context=self._context)
+        self._control = ControlClient(
+            self._control_endpoint, timeout_ms=self._timeout_ms, context=self._context, curve=self._curve
+        )
         log.info("recorder_connected", **endpoints)
         try:
             self._sync("start")
@@ -423,7 +430,7 @@ class Recorder:
                 # a DEALER does not match replies to requests: a late reply would be taken for the next request's
                 self._control.close()
                 self._control = ControlClient(
-                    self._control_endpoint, timeout_ms=self._timeout_ms, context=self._context
+                    self._control_endpoint, timeout_ms=self._timeout_ms, context=self._context, curve=self._curve
                 )
         if self._daemon_state is not None:
             stored = self._daemon_state / "cases" / folder.case_id / f"{fov_id}.png"

@@ -27,6 +27,7 @@ from her2scope.clients.viewer.state import (
     image_wanted,
     with_notice,
 )
+from her2scope.daemon.curve import ClientKeys, secure_client
 from her2scope.daemon.protocol import Message, OverlayBody, Topic
 
 
@@ -81,8 +82,10 @@ class DaemonLink:
         endpoints_dir: Path | None = None,
         control_timeout_ms: float = 2000.0,
         context: zmq.Context[Any] | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.endpoints = endpoints
+        self._curve = curve  # CURVE keys for a daemon that uses them (docs/protocol.md, section 11)
         self._endpoints_dir = endpoints_dir
         self._timeout_ms = control_timeout_ms
         self._context = context or zmq.Context.instance()
@@ -96,14 +99,16 @@ class DaemonLink:
         self._previews.setsockopt(zmq.LINGER, 0)
         self._previews.setsockopt(zmq.RCVHWM, 2)
         self._previews.setsockopt(zmq.SUBSCRIBE, Topic.PREVIEW.value.encode())
+        secure_client(self._previews, self._curve)
         self._previews.connect(self.endpoints.publish)
         self._messages = self._context.socket(zmq.SUB)
         self._messages.setsockopt(zmq.LINGER, 0)
         self._messages.setsockopt(zmq.RCVHWM, 1000)
         for topic in NON_PREVIEW_TOPICS:
             self._messages.setsockopt(zmq.SUBSCRIBE, topic.value.encode())
+        secure_client(self._messages, self._curve)
         self._messages.connect(self.endpoints.publish)
-        self._control = ControlClient(self.endpoints.control, self._timeout_ms, self._context)
+        self._control = ControlClient(self.endpoints.control, self._timeout_ms, self._context, self._curve)
         self._poller = zmq.Poller()
         self._poller.register(self._previews, zmq.POLLIN)
         self._poller.register(self._messages, zmq.POLLIN)
@@ -127,7 +132,7 @@ class DaemonLink:
         except ControlError:
             # a late reply would be taken for the next request's: start again with a fresh socket
             self._control.close()
-            self._control = ControlClient(self.endpoints.control, self._timeout_ms, self._context)
+            self._control = ControlClient(self.endpoints.control, self._timeout_ms, self._context, self._curve)
             raise
         if not reply.ok:
             raise ControlError(reply.error or f"{command} failed")

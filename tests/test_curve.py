@@ -1,0 +1,139 @@
+"""CurveZMQ: a daemon with keys serves the clients on its allow-list and nobody else (docs/protocol.md, section 11).
+
+Real processes on random loopback ports with ``require_curve`` (CURVE on loopback too); the keys are made by
+``her2scope keys``. An unknown client's handshake is denied by the daemon's ZAP handler: it gets no message at all.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from her2scope.clients.control import ControlClient, ControlError, Subscriber
+from her2scope.daemon.curve import ClientKeys, load_client_keys
+from her2scope.daemon.protocol import Topic
+from tests.conftest import die_with_parent
+from tests.test_daemon_e2e import CONFIG, running_daemon, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+CURVE_CONFIG = CONFIG.replace("heartbeat_ms = 300\n", "heartbeat_ms = 300\nrequire_curve = true\n")
+
+
+def _her2scope(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "her2scope", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _keys(state: Path) -> tuple[Path, Path]:
+    """The daemon's keys and client 'lab''s, in the state folder, made by `her2scope keys`; (lab's secret key file,
+    a stranger's secret key file, made the same way but not on the allow-list)."""
+    curve = state / "curve"
+    assert _her2scope("keys", "server", "--dir", curve).returncode == 0
+    made = _her2scope("keys", "client", "lab", "--dir", curve / "clients")
+    assert made.returncode == 0, made.stderr
+    stranger = _her2scope("keys", "client", "stranger", "--dir", state.parent / "elsewhere")
+    assert stranger.returncode == 0, stranger.stderr
+    return curve / "clients" / "lab.key_secret", state.parent / "elsewhere" / "stranger.key_secret"
+
+
+def _lab(state: Path, key: Path) -> ClientKeys:
+    return load_client_keys(key, state / "curve" / "server.key")
+
+
+def test_keys_are_private_and_not_overwritten(tmp_path: Path) -> None:
+    lab, _ = _keys(tmp_path / "state")
+    curve = tmp_path / "state" / "curve"
+    for path in (curve, curve / "clients", curve / "server.key_secret", lab):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+    again = _her2scope("keys", "server", "--dir", curve)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_allow_remote_without_keys_is_refused_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        CONFIG.format(state=tmp_path / "state").replace(
+            'publish = "tcp://127.0.0.1:*"', 'publish = "tcp://0.0.0.0:*"\nallow_remote = true'
+        )
+    )
+    done = _her2scope("daemon", "--config", config)
+    assert done.returncode == 2
+    assert "error: [daemon.zmq] allow_remote = true needs CURVE keys: no CurveZMQ server key" in done.stderr
+    assert "her2scope keys server" in done.stderr
+    assert not (tmp_path / "state" / "endpoints.json").exists()  # never bound
+
+
+def test_only_listed_clients_get_anything(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    lab_key, stranger_key = _keys(state)
+    lab = _lab(state, lab_key)
+    stranger = load_client_keys(stranger_key, state / "curve" / "server.key")
+    with running_daemon(tmp_path, base_config=CURVE_CONFIG, curve=lab) as daemon:
+        config = tmp_path / "config.toml"
+        # ctl with the listed key works; without a key, or with another, nothing answers (exit 3)
+        ok = _her2scope("ctl", "--key", lab_key, "status", "--config", config, "--json")
+        assert ok.returncode == 0 and '"daemon": "running"' in ok.stdout, ok.stderr
+        for key in ([], ["--key", stranger_key]):
+            refused = _her2scope("ctl", *key, "status", "--config", config, "--timeout-ms", "1500")
+            assert refused.returncode == 3 and "did not answer" in refused.stderr, refused.stderr
+        # a subscriber and a control client with an unknown key or none get nothing, while a listed one is served
+        outsiders = [Subscriber(daemon.endpoints["publish"], curve=keys) for keys in (stranger, None)]
+        try:
+            with daemon.subscribe(Topic.STATUS) as listed:
+                heartbeats = 0
+                while heartbeats < 5:  # 5 heartbeats (1.5 s) reached the listed subscriber ...
+                    message = listed.receive(timeout_ms=5000)
+                    assert message is not None, "the listed subscriber got no heartbeat"
+                    heartbeats += message.header.topic == Topic.STATUS
+            for outsider in outsiders:  # ... and none of them the others
+                assert outsider.receive(timeout_ms=0) is None
+        finally:
+            for outsider in outsiders:
+                outsider.close()
+        for keys in (stranger, None):
+            with (
+                ControlClient(daemon.endpoints["control"], timeout_ms=1500, curve=keys) as client,
+                pytest.raises(ControlError, match="did not answer"),
+            ):
+                client.call("status")
+        assert daemon.control.call("status")["daemon"] == "running"
+
+
+def test_the_recorder_records_with_its_key(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    lab_key, _ = _keys(state)
+    with running_daemon(tmp_path, base_config=CURVE_CONFIG, curve=_lab(state, lab_key)) as daemon:
+        out = tmp_path / "cases"
+        with open(tmp_path / "recorder.log", "wb") as log:
+            recorder = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "her2scope", "record", "--config", str(tmp_path / "config.toml")),
+                    *("--out", str(out), "--key", str(lab_key), "--json-logs"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=die_with_parent,
+            )
+            try:
+                daemon.control.call("auto-capture", enabled=False)
+                daemon.control.call("start-case", case_id="curved")
+                wait_for(lambda: daemon.control.call("status")["camera"]["state"] == "live", what="the camera")
+                fov_id = daemon.control.call("capture")["fov_id"]
+                log_file = out / "curved" / "events.jsonl"
+                wait_for(
+                    lambda: (
+                        log_file.exists() and f'"{fov_id}"' in log_file.read_text() and "scored" in log_file.read_text()
+                    ),
+                    what="the recorder to log the scored FOV",
+                )
+            finally:
+                recorder.terminate()
+                recorder.wait(timeout=15)
+        assert (out / "curved" / f"{fov_id}.png").exists() or any((out / "curved").rglob(f"{fov_id}*.png"))
