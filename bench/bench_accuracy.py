@@ -34,7 +34,7 @@ against the pathologist's; a case scored "not assessable" counts as a miss and i
 
 Synthetic fields
 ----------------
-``scoring.synthetic`` renders fields whose every tumour cell is known, with its hard renderers
+``her2scope.synthetic`` renders fields whose every tumour cell is known, with its hard renderers
 (``render_hard_fov`` / ``render_hard_control``: ring gaps, basolateral/lateral gland cells, pale and crowded nuclei,
 lymphocytes, fibroblasts, vignetting). For batch strengths 0.6, 0.8, 1.0, 1.25 and 1.5 and five class mixes (pure
 0, 1+, 2+, 3+ and a mixed one, true shares under the gastric guideline) one field and one 3+ control of the same
@@ -71,6 +71,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from her2scope import synthetic
 from her2scope.clients.images import read_rgb, write_rgb
 from her2scope.config.scoring import CaseRule, Guideline, MembraneMethod, ScoringParams
 from her2scope.scoring import (
@@ -82,7 +83,6 @@ from her2scope.scoring import (
     calibrate_from_control,
     call_score,
     score_case,
-    synthetic,
 )
 from her2scope.scoring.overlay import DEFAULT_LAYERS, render_overlay
 from her2scope.scoring.results import HER2_SCORES, ClassCounts

@@ -1,6 +1,6 @@
 """A simulated microscope: a camera looking at a synthetic HER2 slide under a scripted, motorised stage.
 
-The virtual slide is built once with :mod:`scoring.synthetic`: a tumour area of ``slide_fields`` (rows, cols)
+The virtual slide is built once with :mod:`her2scope.synthetic`: a tumour area of ``slide_fields`` (rows, cols)
 fields of view, each rendered with the configured class mix (so each field's ground truth matches it), and one
 positive-control field to their right, with glass in between::
 
@@ -50,7 +50,7 @@ import numpy.typing as npt
 from her2scope.config.daemon import SimulatedCameraConfig
 from her2scope.config.scoring import MAX_PIXEL_SIZE_UM, MIN_PIXEL_SIZE_UM
 from her2scope.daemon.frames import Frame, SourceError
-from her2scope.scoring.synthetic import (
+from her2scope.synthetic import (
     DEFAULT_CELL_DIAMETER_UM,
     GLASS_LEVEL,
     HER2_CLASSES,

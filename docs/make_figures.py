@@ -10,7 +10,7 @@ import numpy as np
 from her2scope.config.scoring import CaseRule
 from her2scope.scoring import analyse_fov, calibrate_from_control, score_case
 from her2scope.scoring.overlay import DEFAULT_LAYERS, render_overlay
-from her2scope.scoring.synthetic import render_control, render_fov
+from her2scope.synthetic import render_control, render_fov
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

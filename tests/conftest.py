@@ -14,7 +14,7 @@ import pytest
 
 from her2scope.config.scoring import MembraneMethod, ScoringParams
 from her2scope.scoring import ControlCalibration, calibrate_from_control
-from her2scope.scoring.synthetic import SyntheticFov, render_control, render_fov
+from her2scope.synthetic import SyntheticFov, render_control, render_fov
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

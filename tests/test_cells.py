@@ -19,7 +19,7 @@ from her2scope.config.scoring import CaseRule, Guideline, MembraneMethod, Scorin
 from her2scope.scoring import FovResult, Her2Score, Her2Status, analyse_fov, calibrate_from_control, score_fov
 from her2scope.scoring.cells import N_RAYS, NucleusScale, Rings, classify_cells, membrane_patterns, nucleus_anisotropy
 from her2scope.scoring.results import MembranePattern
-from her2scope.scoring.synthetic import SyntheticFov, render_control, render_fov, render_hard_control, render_hard_fov
+from her2scope.synthetic import SyntheticFov, render_control, render_fov, render_hard_control, render_hard_fov
 from tests.conftest import CONTOUR_METHOD, PIXEL_SIZE_40X, match_cells
 
 PER_CELL = ScoringParams()

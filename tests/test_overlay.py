@@ -29,7 +29,7 @@ from her2scope.scoring.overlay import (
     panel_lines,
     render_overlay,
 )
-from her2scope.scoring.synthetic import SyntheticCell, SyntheticFov, blank_fov
+from her2scope.synthetic import SyntheticCell, SyntheticFov, blank_fov
 from tests.conftest import CONTOUR_METHOD, PIXEL_SIZE_40X, synthetic_control, synthetic_fov
 
 PIXEL_SIZE_20X = 0.5

@@ -8,7 +8,7 @@ import pytest
 from her2scope.config.scoring import ScoringParams
 from her2scope.scoring import Her2Score, ThresholdSource, analyse_fov, calibrate_from_control, score_fov
 from her2scope.scoring.case import NO_CONTROL_WARNING
-from her2scope.scoring.synthetic import blank_fov, render_fov
+from her2scope.synthetic import blank_fov, render_fov
 from tests.conftest import PIXEL_SIZE_40X, match_cells, synthetic_control, synthetic_fov
 
 CLASSES = ("0", "1+", "2+", "3+")
@@ -251,7 +251,7 @@ def test_case_score_over_several_fovs_across_batches(expected: Her2Score, batch_
 
 
 def test_control_calibrated_from_a_chosen_region() -> None:
-    from her2scope.scoring.synthetic import render_control
+    from her2scope.synthetic import render_control
 
     control = render_control(pixel_size_um=PIXEL_SIZE_40X, seed=11)
     whole = calibrate_from_control(control.rgb, PIXEL_SIZE_40X)

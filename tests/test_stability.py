@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from her2scope.config.daemon import CaptureConfig
 from her2scope.daemon.frames import Frame
 from her2scope.daemon.stability import StabilityDetector, StabilityState, StabilityUpdate
-from her2scope.scoring.synthetic import render_fov
+from her2scope.synthetic import render_fov
 
 PIXEL_SIZE_UM = 0.5
 VIEW = (360, 640)  # camera frames in these tests: 640 wide, reduced to 320 → 1 µm per analysis pixel

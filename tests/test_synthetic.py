@@ -1,4 +1,4 @@
-"""Tests of the synthetic HER2 IHC field-of-view generator (scoring.synthetic)."""
+"""Tests of the synthetic HER2 IHC field-of-view generator (her2scope.synthetic)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from her2scope.scoring.synthetic import (
+from her2scope.synthetic import (
     GLASS_LEVEL,
     HER2_CLASSES,
     MEMBRANE_DAB_OD,

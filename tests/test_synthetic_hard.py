@@ -1,4 +1,4 @@
-"""Tests of the hard synthetic fields (scoring.synthetic): ring gaps, glands, guideline truth, non-tumour fields."""
+"""Tests of the hard synthetic fields (her2scope.synthetic): ring gaps, glands, guideline truth, non-tumour fields."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from her2scope.scoring.synthetic import (
+from her2scope.synthetic import (
     FIBROBLAST_LENGTH_UM,
     FIBROBLAST_WIDTH_UM,
     GLASS_LEVEL,
