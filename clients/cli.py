@@ -130,8 +130,8 @@ def daemon(
 
     from her2scope.config.app import ConfigError, load_config
     from her2scope.daemon.frames import SourceError
-    from her2scope.daemon.logs import configure_logging
     from her2scope.daemon.service import Daemon
+    from her2scope.logs import configure_logging
 
     configure_logging(json_logs)
     try:
@@ -172,7 +172,7 @@ def record(
     from her2scope.clients.recorder import Recorder
     from her2scope.config.app import ConfigError, load_config
     from her2scope.daemon.curve import CurveError, client_keys
-    from her2scope.daemon.logs import configure_logging
+    from her2scope.logs import configure_logging
 
     configure_logging(json_logs)
     try:

@@ -1,4 +1,5 @@
-"""Logging, configured once by the entry point: pretty on a terminal, JSON lines otherwise (journald)."""
+"""Logging for every her2scope process (the daemon, the recorder, the viewer), configured once by the entry point:
+pretty on a terminal, JSON lines otherwise (journald)."""
 
 from __future__ import annotations
 
