@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from her2scope.clients.recorder.documents import CLASSES
 from her2scope.config.scoring import Guideline
 from her2scope.daemon.protocol import CaseSummary
 from her2scope.scoring.case import GUIDELINE_SOURCES
+from her2scope.scoring.results import HER2_SCORES as CLASSES
 
 #: The overlays' class colours (scoring.overlay.CLASS_COLOURS), so chart, table and pictures agree.
 CLASS_COLOURS = {"0": "#2878ff", "1+": "#f2d300", "2+": "#ff8c00", "3+": "#e61414"}

@@ -24,6 +24,7 @@ import zmq
 from her2scope.clients.control import ControlClient, ControlError, Subscriber
 from her2scope.clients.recorder.documents import compose_start, fov_data
 from her2scope.clients.recorder.folder import REPORT_FILE, STATE_FILE, CaseFolder, _private_dir
+from her2scope.clients.report import write_report
 from her2scope.config.scoring import CaseRule, ScoringParams
 from her2scope.daemon.curve import ClientKeys
 from her2scope.daemon.protocol import (
@@ -520,8 +521,6 @@ class Recorder:
         log.info("case_recorded", case_id=folder.case_id, score=stop.score, exit_status=stop.exit_status)
 
     def _flush_reports(self) -> None:
-        from her2scope.clients.report import write_report
-
         for case_id in sorted(self._dirty):
             folder = self.folders.get(case_id)
             if folder is not None and folder.run is not None:
