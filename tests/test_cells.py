@@ -20,7 +20,7 @@ from her2scope.scoring import FovResult, Her2Score, Her2Status, analyse_fov, cal
 from her2scope.scoring.cells import N_RAYS, NucleusScale, Rings, classify_cells, membrane_patterns, nucleus_anisotropy
 from her2scope.scoring.results import MembranePattern
 from her2scope.synthetic import SyntheticFov, render_control, render_fov, render_hard_control, render_hard_fov
-from tests.conftest import CONTOUR_METHOD, PIXEL_SIZE_40X, match_cells
+from tests.helpers.synthetic import CONTOUR_METHOD, PIXEL_SIZE_40X, match_cells
 
 PER_CELL = ScoringParams()
 SHAPE = (540, 960)

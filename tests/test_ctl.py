@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from her2scope.daemon.protocol import Topic
-from tests.test_daemon_e2e import CONFIG, Daemon, next_message, wait_for
+from tests.helpers.daemon import CONFIG, Daemon, next_message, wait_for
 
 
 @pytest.fixture(scope="module")

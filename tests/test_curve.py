@@ -17,8 +17,8 @@ import pytest
 from her2scope.clients.control import ControlClient, ControlError, Subscriber
 from her2scope.daemon.curve import ClientKeys, load_client_keys
 from her2scope.daemon.protocol import Topic
-from tests.conftest import die_with_parent
-from tests.test_daemon_e2e import CONFIG, running_daemon, wait_for
+from tests.helpers.daemon import CONFIG, running_daemon, wait_for
+from tests.helpers.processes import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 CURVE_CONFIG = CONFIG.replace("heartbeat_ms = 300\n", "heartbeat_ms = 300\nrequire_curve = true\n")

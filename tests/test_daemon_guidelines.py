@@ -11,7 +11,7 @@ import pytest
 
 from her2scope.clients.control import ControlError
 from her2scope.daemon.protocol import Topic
-from tests.test_daemon_e2e import Daemon, next_message, running_daemon, wait_for
+from tests.helpers.daemon import Daemon, next_message, running_daemon, wait_for
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import die_with_parent
+from tests.helpers.processes import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from her2scope.daemon.protocol import Command, ProtocolError, Reply, Request, parse_request, request_id
-from tests.test_daemon_e2e import CONFIG, Daemon, running_daemon, wait_for
+from tests.helpers.daemon import CONFIG, Daemon, running_daemon, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,7 +244,7 @@ def _private(modes: dict[str, int], root: Path) -> dict[str, str]:
 
 
 def test_daemon_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
-    from tests.conftest import die_with_parent
+    from tests.helpers.processes import die_with_parent
 
     def open_umask() -> None:
         os.umask(0)
@@ -386,7 +386,7 @@ def test_sigterm_waits_for_an_image_that_waits_for_space(tmp_path: Path) -> None
     import resource
     import signal
 
-    from tests.conftest import die_with_parent
+    from tests.helpers.processes import die_with_parent
 
     limit = 500_000  # bytes per file: case.json, a result and the log fit, a captured image (~1 MB) does not
 

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from her2scope.clients.cli import app
-from tests.test_daemon_e2e import wait_for
-from tests.test_recorder import Setup, capture, has_stop, read_docs, settled, start_daemon_setup, wait_for_docs
+from tests.helpers.daemon import wait_for
+from tests.helpers.recorder import Setup, capture, has_stop, read_docs, settled, start_daemon_setup, wait_for_docs
 
 runner = CliRunner()
 

@@ -30,7 +30,7 @@ from her2scope.scoring.overlay import (
     render_overlay,
 )
 from her2scope.synthetic import SyntheticCell, SyntheticFov, blank_fov
-from tests.conftest import CONTOUR_METHOD, PIXEL_SIZE_40X, synthetic_control, synthetic_fov
+from tests.helpers.synthetic import CONTOUR_METHOD, PIXEL_SIZE_40X, synthetic_control, synthetic_fov
 
 PIXEL_SIZE_20X = 0.5
 SMALL = (540, 960)

@@ -9,7 +9,7 @@ from her2scope.config.scoring import ScoringParams
 from her2scope.scoring import Her2Score, ThresholdSource, analyse_fov, calibrate_from_control, score_fov
 from her2scope.scoring.case import NO_CONTROL_WARNING
 from her2scope.synthetic import blank_fov, render_fov
-from tests.conftest import PIXEL_SIZE_40X, match_cells, synthetic_control, synthetic_fov
+from tests.helpers.synthetic import PIXEL_SIZE_40X, match_cells, synthetic_control, synthetic_fov
 
 CLASSES = ("0", "1+", "2+", "3+")
 

@@ -28,7 +28,7 @@ from her2scope.daemon.protocol import (
     StatusBody,
     Topic,
 )
-from tests.test_daemon_e2e import Daemon, running_daemon, wait_for
+from tests.helpers.daemon import Daemon, running_daemon, wait_for
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 EXAMPLE_MARKER = "<!-- example-client"

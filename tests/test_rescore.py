@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from her2scope.clients.cli import app
-from tests.test_recorder import ROI, Setup, capture, has_stop, read_docs, settled, start_daemon_setup, wait_for_docs
+from tests.helpers.recorder import ROI, Setup, capture, has_stop, read_docs, settled, start_daemon_setup, wait_for_docs
 
 runner = CliRunner()
 

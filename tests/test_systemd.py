@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from her2scope.daemon import systemd
-from tests.test_daemon_e2e import CONFIG, Daemon
+from tests.helpers.daemon import CONFIG, Daemon
 
 
 @pytest.fixture

@@ -35,143 +35,24 @@ from her2scope.daemon.protocol import (
     CaseBody,
     Message,
     OverlayBody,
-    Payload,
-    PreviewBody,
-    ResultBody,
-    StatusBody,
     Topic,
-    encode,
 )
 from her2scope.scoring.overlay import LAYER_NAMES
-from tests.conftest import die_with_parent
-from tests.test_daemon_e2e import CONFIG, DEADLINE_S, Daemon, arrive, next_message, wait_for
+from tests.helpers.daemon import CONFIG, DEADLINE_S, Daemon, arrive, next_message, wait_for
+from tests.helpers.processes import die_with_parent
+from tests.helpers.viewer import (
+    CASE_ID,
+    SESSION,
+    Daemonish,
+    case_summary,
+    connected,
+    fov_entry,
+    status_body,
+)
 
-SESSION = "0123456789abcdef"
-CASE_ID = "case-1"
 SIZE = viewer.DEFAULT_SIZE
 FOV_SHAPE = (1080, 1920)  # full resolution
 OVERLAY_SHAPE = (270, 480)  # the overlay's width is a display size, not the FOV's
-
-
-def _jpeg(bgr: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    assert ok
-    return data.tobytes()
-
-
-def _png(image: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", image)
-    assert ok
-    return data.tobytes()
-
-
-def _status_body(**changes: Any) -> dict[str, Any]:
-    body = {
-        "daemon": "running",
-        "camera": {"state": "live", "source": "simulated", "fps": 15.0},
-        "stability": "stable",
-        "auto_capture": True,
-        "case_id": CASE_ID,
-        "n_fovs": 1,
-        "control_calibrated": False,
-        "worker": "idle",
-        "queue": 0,
-        "unsaved_images": 0,
-        "uptime_s": 5.0,
-    }
-    return {**body, **changes}
-
-
-def _case(*entries: dict[str, Any], score: str | None = "2+", control: dict[str, Any] | None = None) -> dict[str, Any]:
-    counts = {"0": 40, "1+": 30, "2+": 25, "3+": 5}
-    return {
-        "case_id": CASE_ID,
-        "open": True,
-        "operator": None,
-        "started_at": "2026-11-26T18:00:00Z",
-        "closed_at": None,
-        "adjustments": [],
-        "fovs": list(entries),
-        "control": control,
-        "case": {
-            "score": score,
-            "status": "equivocal, reflex ISH",
-            "her2_low": True,
-            "zero_subtype": None,
-            "reason": ">10% of cells 2+",
-            "counts": counts,
-            "total": 100,
-            "percentages": {"0": 40.0, "1+": 30.0, "2+": 25.0, "3+": 5.0},
-            "n_fovs": len(entries),
-            "warnings": [] if control else ["no positive control: the default intense threshold was used"],
-        },
-    }
-
-
-def _entry(fov_id: str, score: str | None = "2+", **changes: Any) -> dict[str, Any]:
-    entry = {
-        "fov_id": fov_id,
-        "kind": "fov",
-        "index": 1,
-        "status": "scored",
-        "excluded": False,
-        "roi": False,
-        "score": score,
-        "counts": {"0": 40, "1+": 30, "2+": 25, "3+": 5},
-        "total": 100,
-        "error": None,
-    }
-    return {**entry, **changes}
-
-
-class Daemonish:
-    """Makes the frames the daemon would publish, with consistent sequence numbers."""
-
-    def __init__(self, session: str = SESSION) -> None:
-        self.session = session
-        self.seq = 0
-        self.topic_seqs: dict[Topic, int] = {}
-
-    def frames(self, topic: Topic, body: Any, payloads: list[tuple[Payload, bytes]] | None = None) -> list[bytes]:
-        self.seq += 1
-        self.topic_seqs[topic] = self.topic_seqs.get(topic, 0) + 1
-        return encode(
-            topic,
-            self.seq,
-            time.time() * 1000,
-            body,
-            payloads or [],
-            case_id=CASE_ID,
-            topic_seq=self.topic_seqs[topic],
-            session=self.session,
-        )
-
-    def preview(self, frame_index: int, bgr: np.ndarray, stability: str = "stable") -> list[bytes]:
-        body = PreviewBody(
-            frame_index=frame_index,
-            width=bgr.shape[1],
-            height=bgr.shape[0],
-            stability=stability,
-            motion_um=0.2,
-            focus_ratio=0.97,
-        )
-        return self.frames(Topic.PREVIEW, body, [(Payload(name="preview", encoding="jpeg"), _jpeg(bgr))])
-
-    def status(self, **changes: Any) -> list[bytes]:
-        return self.frames(Topic.STATUS, StatusBody(**_status_body(**changes)))
-
-    def capture(self, fov_id: str, kind: str = "fov") -> list[bytes]:
-        body = CaptureBody(fov_id=fov_id, kind=kind, trigger="control", frame_index=1, pixel_size_um=0.25)
-        return self.frames(Topic.CAPTURE, body)
-
-    def result(self, fov_id: str, case: dict[str, Any]) -> list[bytes]:
-        return self.frames(Topic.RESULT, ResultBody(fov_id=fov_id, kind="fov", status="scored", case=case))
-
-    def overlay(self, fov_id: str, layers: dict[str, np.ndarray], kind: str = "fov") -> list[bytes]:
-        rows, cols = next(iter(layers.values())).shape[:2]
-        body = OverlayBody(fov_id=fov_id, kind=kind, layers=tuple(layers), width=cols, height=rows)
-        payloads = [(Payload(name=name, encoding="png"), _png(layer)) for name, layer in layers.items()]
-        return self.frames(Topic.OVERLAY, body, payloads)
 
 
 def _solid(bgr: tuple[int, int, int], shape: tuple[int, int] = (540, 960)) -> np.ndarray:
@@ -190,18 +71,10 @@ def _layers() -> dict[str, np.ndarray]:
     return {"cells": cells, "intensity": np.zeros_like(cells), "completeness": panel, "region": region, "panel": panel}
 
 
-def connected(daemon: Daemonish | None = None, now: float = 0.0) -> ViewerState:
-    """A viewer that has its snapshot (empty case) and a heartbeat."""
-    daemon = daemon or Daemonish()
-    state = viewer.initial_state(now, heartbeat_s=1.0)
-    state = apply(state, Snapshot({"last_seq": 0, "session": SESSION, "case": _case(), "status": _status_body()}))
-    return apply(state, daemon.status())
-
-
 def with_fov(daemon: Daemonish, state: ViewerState, fov_id: str = "fov-001", kind: str = "fov") -> ViewerState:
     """Capture, result, the lossless image (1080x1920, grey-green) and the overlay of one FOV."""
     state = apply(state, daemon.capture(fov_id, kind))
-    state = apply(state, daemon.result(fov_id, _case(_entry(fov_id, kind=kind))))
+    state = apply(state, daemon.result(fov_id, case_summary(fov_entry(fov_id, kind=kind))))
     state = apply(state, ImageFetched(fov_id, _solid((120, 160, 140), FOV_SHAPE)))
     return apply(state, daemon.overlay(fov_id, _layers(), kind))
 
@@ -294,12 +167,12 @@ def test_the_panel_lists_the_fovs_and_the_case_score() -> None:
         "control_score": "3+",
         "qc_passed": True,
     }
-    case = _case(
-        _entry("fov-001", "2+"),
-        _entry("control-002", "3+", kind="control", counts={"0": 0, "1+": 0, "2+": 10, "3+": 90}),
-        _entry("fov-003", "1+", excluded=True, roi=True),
-        _entry("fov-004", None, status="failed", counts=None, total=0, error="ValueError: no tissue"),
-        _entry("fov-005", None, status="pending", counts=None, total=0),
+    case = case_summary(
+        fov_entry("fov-001", "2+"),
+        fov_entry("control-002", "3+", kind="control", counts={"0": 0, "1+": 0, "2+": 10, "3+": 90}),
+        fov_entry("fov-003", "1+", excluded=True, roi=True),
+        fov_entry("fov-004", None, status="failed", counts=None, total=0, error="ValueError: no tissue"),
+        fov_entry("fov-005", None, status="pending", counts=None, total=0),
         control=control,
     )
     state = apply(connected(daemon), daemon.result("fov-005", case))
@@ -326,7 +199,7 @@ def test_the_panel_lists_the_fovs_and_the_case_score() -> None:
 
 def test_the_case_summary_warns_without_a_positive_control() -> None:
     daemon = Daemonish()
-    state = apply(connected(daemon), daemon.result("fov-001", _case(_entry("fov-001"))))
+    state = apply(connected(daemon), daemon.result("fov-001", case_summary(fov_entry("fov-001"))))
     texts = [line.text for line in viewer.panel_lines(state)]
     assert "! no positive control: the default intense threshold was used" in texts
     summary = viewer.terminal_summary(state)
@@ -467,7 +340,7 @@ def test_well_framed_messages_with_bad_content_are_skipped_too() -> None:
     after = apply(state, broken)
     assert after.malformed == 1 and "overlay" in after.last_malformed
     assert after.fovs["fov-001"].layers == {}
-    odd = daemon.result("fov-001", _case())
+    odd = daemon.result("fov-001", case_summary())
     header = json.loads(odd[1])
     header["body"]["case"]["fovs"] = "nope"  # what no daemon sends: the protocol refuses it on decoding
     odd[1] = json.dumps(header).encode()
@@ -510,9 +383,14 @@ def test_a_new_session_asks_for_a_snapshot_and_a_gap_for_a_replay() -> None:
 
 def test_messages_older_than_the_snapshot_are_ignored_but_overlays_kept() -> None:
     daemon = Daemonish()
-    old_result = daemon.result("fov-001", _case(_entry("fov-001", "3+")))
+    old_result = daemon.result("fov-001", case_summary(fov_entry("fov-001", "3+")))
     old_overlay = daemon.overlay("fov-001", _layers())
-    snapshot = {"last_seq": daemon.seq, "session": SESSION, "case": _case(_entry("fov-001")), "status": _status_body()}
+    snapshot = {
+        "last_seq": daemon.seq,
+        "session": SESSION,
+        "case": case_summary(fov_entry("fov-001")),
+        "status": status_body(),
+    }
     state = apply(viewer.initial_state(0.0), Snapshot(snapshot))
     state = apply(state, old_result)
     assert state.case.fovs[0].score == "2+"  # the snapshot is newer
@@ -523,7 +401,7 @@ def test_messages_older_than_the_snapshot_are_ignored_but_overlays_kept() -> Non
 def test_a_new_case_forgets_the_fovs_of_the_previous_one() -> None:
     daemon = Daemonish()
     state = with_fov(daemon, connected(daemon))
-    new_case = {**_case(), "case_id": "case-2", "fovs": [], "case": None}
+    new_case = {**case_summary(), "case_id": "case-2", "fovs": [], "case": None}
     body = CaseBody(event="started", case=new_case, params={}, rule={}, pixel_size_um=0.25, software={})
     state = apply(state, daemon.frames(Topic.CASE, body))
     assert state.fovs == {} and state.shown_fov is None and state.case.case_id == "case-2"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from her2scope.clients import viewer
 from her2scope.clients.viewer import Send, apply, press
-from tests.test_viewer import Daemonish, connected
+from tests.helpers.viewer import Daemonish, connected
 
 
 def texts(state: viewer.ViewerState) -> list[str]:
