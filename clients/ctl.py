@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from her2scope.clients.options import ConfigOption, DaemonStateOption, KeyOption
-from her2scope.daemon.protocol import CaseSummary
+from her2scope.daemon.protocol import COMMANDS, CaseSummary, Command
 
 ctl_app = typer.Typer(
     name="ctl", help="Control a running daemon: capture, control, case start/close, status.", no_args_is_help=True
@@ -67,33 +67,31 @@ def _call(
     return reply.data
 
 
-@ctl_app.command()
+@ctl_app.command(help=COMMANDS[Command.CAPTURE].summary)
 def capture(
     config: ConfigOption = None,
     daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Capture the field under the microscope as a tumour FOV."""
     data = _call("capture", config, daemon_state, timeout_ms, as_json)
     if not as_json:
         typer.echo(f"captured {data['fov_id']}; its result follows on the daemon's result topic")
 
 
-@ctl_app.command()
+@ctl_app.command(help=COMMANDS[Command.CAPTURE_CONTROL].summary)
 def control(
     config: ConfigOption = None,
     daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Capture the field under the microscope as the positive control (it calibrates the intense threshold)."""
     data = _call("capture-control", config, daemon_state, timeout_ms, as_json)
     if not as_json:
         typer.echo(f"captured the positive control as {data['fov_id']}")
 
 
-@ctl_app.command()
+@ctl_app.command(help=COMMANDS[Command.SET_OBJECTIVE].summary)
 def objective(
     name: Annotated[str, typer.Argument(help="The objective now in use, as named in the configuration (e.g. 20x).")],
     config: ConfigOption = None,
@@ -101,7 +99,6 @@ def objective(
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Tell the daemon which objective is in use (its pixel size scores the next captures)."""
     data = _call("set-objective", config, daemon_state, timeout_ms, as_json, objective=name)
     if not as_json:
         typer.echo(f"objective {data['objective']}: {data['pixel_size_um']} µm per pixel")
@@ -111,7 +108,7 @@ case_app = typer.Typer(name="case", help="Start or close a case.", no_args_is_he
 ctl_app.add_typer(case_app)
 
 
-@case_app.command("start")
+@case_app.command("start", help=COMMANDS[Command.START_CASE].summary)
 def case_start(
     case_id: Annotated[str | None, typer.Option("--case-id", help="Case id (default: case-DATE-TIME).")] = None,
     operator: Annotated[str | None, typer.Option("--operator", help="Who is scoring.")] = None,
@@ -127,7 +124,6 @@ def case_start(
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a case (closing the open one), scored by a guideline chosen for it."""
     chosen = (("case_id", case_id), ("operator", operator), ("guideline", guideline), ("specimen", specimen))
     args = {k: v for k, v in chosen if v is not None}
     data = _call("start-case", config, daemon_state, timeout_ms, as_json, **args)
@@ -135,28 +131,26 @@ def case_start(
         typer.echo(f"started case {data['case_id']} ({data.get('guideline', '?')}, {data.get('specimen', '?')})")
 
 
-@case_app.command("close")
+@case_app.command("close", help=COMMANDS[Command.CLOSE_CASE].summary)
 def case_close(
     config: ConfigOption = None,
     daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 30000.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Close the open case and print its final score."""
     data = _call("close-case", config, daemon_state, timeout_ms, as_json)
     if not as_json:
         typer.echo(f"closed case {data['case_id']}")
         typer.echo(format_case(CaseSummary.model_validate(data["summary"])))
 
 
-@ctl_app.command()
+@ctl_app.command(help=COMMANDS[Command.SNAPSHOT].summary)
 def status(
     config: ConfigOption = None,
     daemon_state: DaemonStateOption = None,
     timeout_ms: TimeoutOption = 5000.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Print the daemon's status and the open case's score."""
     if as_json:
         _call("snapshot", config, daemon_state, timeout_ms, True)
         return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -53,4 +53,30 @@ class FrameSource(Protocol):
 
     def close(self) -> None:
         """Release the device; safe to call twice."""
+        ...
+
+
+@runtime_checkable
+class StageControl(Protocol):
+    """A frame source with a stage the daemon can drive: the simulated microscope (the ``stage`` command)."""
+
+    @property
+    def n_fields(self) -> int:
+        """How many tumour fields the slide has."""
+        ...
+
+    def goto_control(self) -> None: ...
+
+    def goto_field(self, field: int) -> None: ...
+
+    def hold(self) -> None: ...
+
+    def resume_script(self) -> None: ...
+
+    def unplug(self, duration_ms: float) -> None: ...
+
+    def freeze(self, duration_ms: float | None = None) -> None: ...
+
+    def stage_report(self) -> dict[str, Any]:
+        """The stage now, as the ``stage`` reply gives it: state, target, on_control, position_um."""
         ...

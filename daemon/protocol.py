@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -348,6 +348,128 @@ class Request(_Model):
     id: str = Field("", max_length=200, description="Echoed in the reply")
     command: Command
     args: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- the arguments of each command ------------------------------------------------------------------------------
+
+
+class CommandArgs(_Model):
+    """The arguments of a command. A key the command does not take is an error (so that a typo cannot change what
+    it does); ``_messages`` words a field's error as docs/protocol.md does."""
+
+    _messages: ClassVar[dict[str, str]] = {}
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+#: A polygon as sent: its vertices are checked by the daemon against its configured limit.
+PolygonArg = list[Any]
+
+
+class NoArgs(CommandArgs):
+    """The command takes no arguments."""
+
+
+class StartCaseArgs(CommandArgs):
+    case_id: NonEmpty | None = Field(None, description="default: case-DATE-TIME")
+    operator: NonEmpty | None = None
+    guideline: NonEmpty | None = Field(None, description="breast or gastric (default: the configuration's)")
+    specimen: NonEmpty | None = Field(None, description="resection or biopsy (default: the configuration's)")
+    _messages = {
+        name: f"'{name}' must be a non-empty string when given"
+        for name in ("case_id", "operator", "guideline", "specimen")
+    }
+
+
+class FovArgs(CommandArgs):
+    fov_id: NonEmpty
+    _messages = {"fov_id": "'fov_id' must be a non-empty string"}
+
+
+class RoiArgs(FovArgs):
+    polygon: PolygonArg | None = Field(None, description="null or missing: the whole FOV again")
+
+
+class WeakArgs(FovArgs):
+    polygon: PolygonArg
+
+
+class IntenseArgs(CommandArgs):
+    fov_id: NonEmpty | None = Field(None, description="default: the case's control")
+    polygon: PolygonArg | None = Field(None, description="null: the whole control again")
+    _messages = {"fov_id": "'fov_id' must be a non-empty string when given"}
+
+
+class RescoreArgs(CommandArgs):
+    fov_id: NonEmpty | None = Field(None, description="default: every FOV of the case")
+    _messages = {"fov_id": "'fov_id' must be a non-empty string when given"}
+
+
+class ReplayArgs(CommandArgs):
+    since_seq: Annotated[int, Field(ge=0, strict=True)]
+    _messages = {"since_seq": "replay needs 'since_seq', a non-negative integer"}
+
+
+class AutoCaptureArgs(CommandArgs):
+    enabled: Annotated[bool, Field(strict=True)]
+    _messages = {"enabled": "auto-capture needs 'enabled': true or false"}
+
+
+class StageArgs(CommandArgs):
+    action: NonEmpty
+    field: Any = Field(None, description="goto-field: the field's index")
+    duration_ms: Any = Field(2000, description="unplug: for how long, ms")
+    _messages = {"action": "'action' must be a non-empty string"}
+
+
+class ObjectiveArgs(CommandArgs):
+    objective: NonEmpty
+    _messages = {"objective": "'objective' must be a non-empty string"}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandInfo:
+    """What a command takes and what it does, in one line (docs/protocol.md section 8, ``her2scope ctl --help``)."""
+
+    args: type[CommandArgs]
+    summary: str
+
+
+COMMANDS: dict[Command, CommandInfo] = {
+    Command.CAPTURE: CommandInfo(NoArgs, "Capture the field in view now and score it."),
+    Command.CAPTURE_CONTROL: CommandInfo(NoArgs, "Capture the field in view as the positive control and calibrate."),
+    Command.START_CASE: CommandInfo(StartCaseArgs, "Start a case (closing the open one), with its guideline."),
+    Command.CLOSE_CASE: CommandInfo(NoArgs, "Close the open case once its queued FOVs are scored."),
+    Command.SET_ROI: CommandInfo(RoiArgs, "Count a FOV's cells inside a polygon only (or everywhere again)."),
+    Command.SET_WEAK: CommandInfo(WeakArgs, "Take the weak threshold from a region of typical weak staining."),
+    Command.SET_INTENSE: CommandInfo(IntenseArgs, "Calibrate the intense threshold from a region of the control."),
+    Command.EXCLUDE: CommandInfo(FovArgs, "Leave a FOV out of the case score."),
+    Command.INCLUDE: CommandInfo(FovArgs, "Count an excluded FOV in the case score again."),
+    Command.RESCORE: CommandInfo(RescoreArgs, "Score one FOV, or the whole case, again."),
+    Command.STATUS: CommandInfo(NoArgs, "The daemon's heartbeat body, now."),
+    Command.SNAPSHOT: CommandInfo(NoArgs, "The daemon's status and the open case's summary and score."),
+    Command.REPLAY: CommandInfo(ReplayArgs, "The buffered messages published after a sequence number."),
+    Command.AUTO_CAPTURE: CommandInfo(AutoCaptureArgs, "Turn capture of stable fields on or off."),
+    Command.STAGE: CommandInfo(StageArgs, "Drive the simulated microscope's stage (simulated camera only)."),
+    Command.IMAGE: CommandInfo(FovArgs, "A FOV's lossless image (PNG)."),
+    Command.SET_OBJECTIVE: CommandInfo(ObjectiveArgs, "Switch to another objective of the configuration."),
+}
+
+
+def command_args(request: Request) -> CommandArgs:
+    """The request's arguments as its command's model; ProtocolError names an unknown or a bad argument."""
+    model = COMMANDS[request.command].args
+    unknown = sorted(set(request.args) - set(model.model_fields))
+    if unknown:
+        allowed = ", ".join(model.model_fields) or "none"
+        raise ProtocolError(
+            f"unknown argument(s) {', '.join(unknown)} for {request.command.value}; it takes: {allowed}"
+        )
+    try:
+        return model.model_validate(request.args)
+    except ValidationError as error:
+        item = error.errors()[0]
+        name = str(item["loc"][0]) if item["loc"] else ""
+        raise ProtocolError(model._messages.get(name) or f"'{name}': {item['msg']}") from None
 
 
 class Reply(_Model):

@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Literal
 
 import cv2
@@ -35,21 +34,32 @@ from her2scope.config.scoring import CaseRule, Guideline, Specimen
 from her2scope.daemon import systemd
 from her2scope.daemon.case_store import CaseError, CaseState, CaseStore, FovRecord, atomic_write, private_dir
 from her2scope.daemon.curve import CurveError, ServerKeys, curve_directory, load_server_keys, secure_server
-from her2scope.daemon.frames import Frame, FrameSource
+from her2scope.daemon.frames import Frame, FrameSource, StageControl
 from her2scope.daemon.grabber import CameraState, CameraStatus, FrameGrabber
 from her2scope.daemon.protocol import (
+    AutoCaptureArgs,
     CaptureBody,
     CaseBody,
     Command,
+    FovArgs,
+    IntenseArgs,
+    NoArgs,
+    ObjectiveArgs,
     OverlayBody,
     Payload,
     PreviewBody,
     ProtocolError,
+    ReplayArgs,
     Reply,
-    Request,
+    RescoreArgs,
     ResultBody,
+    RoiArgs,
+    StageArgs,
+    StartCaseArgs,
     StatusBody,
     Topic,
+    WeakArgs,
+    command_args,
     parse_request,
 )
 from her2scope.daemon.protocol import request_id as protocol_request_id
@@ -620,8 +630,7 @@ class Daemon:
             max_bytes = self.config.limits.max_request_bytes
             request_id = protocol_request_id(frames[-1], max_bytes)
             request = parse_request(frames[-1], max_bytes)
-            _check_args(request)
-            data, extra = self._dispatch(request)
+            data, extra = COMMAND_HANDLERS[request.command](self, command_args(request))
             reply = Reply(id=request_id, ok=True, data=data, payload_count=len(extra))
         except (ProtocolError, RequestError, CaseError) as error:
             reply = Reply(id=request_id, ok=False, error=str(error))
@@ -681,114 +690,106 @@ class Daemon:
                 pass
             del self._backlogs[identity]
 
-    def _dispatch(self, request: Request) -> tuple[dict[str, Any], list[bytes]]:
-        args = request.args
-        match request.command:
-            case Command.CAPTURE | Command.CAPTURE_CONTROL:
-                kind: FovKind = "control" if request.command == Command.CAPTURE_CONTROL else "fov"
-                record = self._capture(_Trigger(kind, "control", _now_ms()))
-                return {"fov_id": record.fov_id, "kind": kind}, []
-            case Command.START_CASE:
-                rule = _case_rule(self.config.case_rule, args)  # a bad guideline refuses before anything closes
-                if self.store.case is not None:  # starting a case closes the open one, for all to see
-                    self._close_case()
-                case = self.store.start(
-                    self.config.scoring,
-                    rule,
-                    case_id=_optional_str(args, "case_id"),
-                    operator=_optional_str(args, "operator"),
-                )
-                log.info(
-                    "case_started",
-                    case_id=case.case_id,
-                    operator=case.operator,
-                    guideline=case.rule.guideline.value,
-                    specimen=case.rule.specimen.value,
-                )
-                self._publish_case("started", case)
-                self._publish_status()
-                return {
-                    "case_id": case.case_id,
-                    "guideline": case.rule.guideline.value,
-                    "specimen": case.rule.specimen.value,
-                }, []
-            case Command.CLOSE_CASE:
-                closed = self._close_case()
-                self._publish_status()
-                return {"case_id": closed.case_id, "summary": self.store.summary(closed).model_dump(mode="json")}, []
-            case Command.SET_ROI:
-                fov_id = _required_str(args, "fov_id")
-                polygon = self._polygon(args.get("polygon"), allow_none=True)
-                self._check_room([self.store.record(fov_id)])
-                record = self.store.set_roi(fov_id, polygon)
-                self._submit(record, trigger="rescore")
-                return {"fov_id": fov_id}, []
-            case Command.SET_WEAK:
-                return self._set_weak(args), []
-            case Command.SET_INTENSE:
-                return self._set_intense(args), []
-            case Command.EXCLUDE | Command.INCLUDE:
-                fov_id = _required_str(args, "fov_id")
-                record = self.store.set_excluded(fov_id, request.command == Command.EXCLUDE)
-                self._republish(record)
-                return {"fov_id": fov_id, "excluded": record.excluded}, []
-            case Command.RESCORE:
-                one = _optional_str(args, "fov_id")
-                records = [self.store.record(one)] if one is not None else self._rescored()
-                self._check_room(records)  # a full queue or audit trail refuses it before anything changes
-                self.store.adjust("rescore", {"fov_id": one} if one is not None else {})
-                for record in records:
-                    self._submit(record, trigger="rescore")
-                if one is None and records:
-                    log.info("rescoring", reason="rescore requested", n_fovs=len(records))
-                return {"queued": len(records), "queue": self.worker.queued}, []
-            case Command.STATUS:
-                return self.status_body().model_dump(mode="json"), []
-            case Command.SNAPSHOT:
-                return {
-                    "last_seq": self.publisher.last_seq,
-                    "session": self.publisher.session,
-                    "case": self.store.summary().model_dump(mode="json"),
-                    "status": self.status_body().model_dump(mode="json"),
-                }, []
-            case Command.REPLAY:
-                since = args.get("since_seq")
-                if not isinstance(since, int) or isinstance(since, bool) or since < 0:
-                    raise RequestError("replay needs 'since_seq', a non-negative integer")
-                messages, complete = self.publisher.since(since)
-                frames = [frame for message in messages for frame in message]
-                return {
-                    "complete": complete,
-                    "last_seq": self.publisher.last_seq,
-                    "frames_per_message": [len(m) for m in messages],
-                }, frames
-            case Command.AUTO_CAPTURE:
-                enabled = args.get("enabled")
-                if not isinstance(enabled, bool):
-                    raise RequestError("auto-capture needs 'enabled': true or false")
-                self.auto_capture = enabled
-                self._publish_status()
-                return {"auto_capture": enabled}, []
-            case Command.STAGE:
-                return self._stage(args), []
-            case Command.SET_OBJECTIVE:
-                return self._set_objective(_required_str(args, "objective")), []
-            case Command.IMAGE:
-                fov_id = _required_str(args, "fov_id")
-                record = self.store.record(fov_id)
-                png = self.store.image_png(fov_id)
-                return {
-                    "fov_id": fov_id,
-                    "kind": record.kind,
-                    "encoding": "png",
-                    "pixel_size_um": record.pixel_size_um,
-                }, [png]
-        raise RequestError(f"command {request.command.value!r} is not handled")  # pragma: no cover
+    # the commands (COMMAND_HANDLERS below; their arguments and summaries: protocol.COMMANDS)
+
+    def _on_capture(self, _: NoArgs, kind: FovKind = "fov") -> Handled:
+        record = self._capture(_Trigger(kind, "control", _now_ms()))
+        return {"fov_id": record.fov_id, "kind": kind}, []
+
+    def _on_capture_control(self, args: NoArgs) -> Handled:
+        return self._on_capture(args, "control")
+
+    def _on_start_case(self, args: StartCaseArgs) -> Handled:
+        rule = _case_rule(self.config.case_rule, args)  # a bad guideline refuses before anything closes
+        if self.store.case is not None:  # starting a case closes the open one, for all to see
+            self._close_case()
+        case = self.store.start(self.config.scoring, rule, case_id=args.case_id, operator=args.operator)
+        log.info(
+            "case_started",
+            case_id=case.case_id,
+            operator=case.operator,
+            guideline=case.rule.guideline.value,
+            specimen=case.rule.specimen.value,
+        )
+        self._publish_case("started", case)
+        self._publish_status()
+        return {
+            "case_id": case.case_id,
+            "guideline": case.rule.guideline.value,
+            "specimen": case.rule.specimen.value,
+        }, []
+
+    def _on_close_case(self, _: NoArgs) -> Handled:
+        closed = self._close_case()
+        self._publish_status()
+        return {"case_id": closed.case_id, "summary": self.store.summary(closed).model_dump(mode="json")}, []
+
+    def _on_set_roi(self, args: RoiArgs) -> Handled:
+        polygon = self._polygon(args.polygon, allow_none=True)
+        self._check_room([self.store.record(args.fov_id)])
+        record = self.store.set_roi(args.fov_id, polygon)
+        self._submit(record, trigger="rescore")
+        return {"fov_id": args.fov_id}, []
+
+    def _on_exclude(self, args: FovArgs, excluded: bool = True) -> Handled:
+        record = self.store.set_excluded(args.fov_id, excluded)
+        self._republish(record)
+        return {"fov_id": args.fov_id, "excluded": record.excluded}, []
+
+    def _on_include(self, args: FovArgs) -> Handled:
+        return self._on_exclude(args, excluded=False)
+
+    def _on_rescore(self, args: RescoreArgs) -> Handled:
+        one = args.fov_id
+        records = [self.store.record(one)] if one is not None else self._rescored()
+        self._check_room(records)  # a full queue or audit trail refuses it before anything changes
+        self.store.adjust("rescore", {"fov_id": one} if one is not None else {})
+        for record in records:
+            self._submit(record, trigger="rescore")
+        if one is None and records:
+            log.info("rescoring", reason="rescore requested", n_fovs=len(records))
+        return {"queued": len(records), "queue": self.worker.queued}, []
+
+    def _on_status(self, _: NoArgs) -> Handled:
+        return self.status_body().model_dump(mode="json"), []
+
+    def _on_snapshot(self, _: NoArgs) -> Handled:
+        return {
+            "last_seq": self.publisher.last_seq,
+            "session": self.publisher.session,
+            "case": self.store.summary().model_dump(mode="json"),
+            "status": self.status_body().model_dump(mode="json"),
+        }, []
+
+    def _on_replay(self, args: ReplayArgs) -> Handled:
+        messages, complete = self.publisher.since(args.since_seq)
+        frames = [frame for message in messages for frame in message]
+        return {
+            "complete": complete,
+            "last_seq": self.publisher.last_seq,
+            "frames_per_message": [len(m) for m in messages],
+        }, frames
+
+    def _on_auto_capture(self, args: AutoCaptureArgs) -> Handled:
+        self.auto_capture = args.enabled
+        self._publish_status()
+        return {"auto_capture": args.enabled}, []
+
+    def _on_image(self, args: FovArgs) -> Handled:
+        record = self.store.record(args.fov_id)
+        png = self.store.image_png(args.fov_id)
+        return {
+            "fov_id": args.fov_id,
+            "kind": record.kind,
+            "encoding": "png",
+            "pixel_size_um": record.pixel_size_um,
+        }, [png]
 
     def _polygon(self, value: object, allow_none: bool = False) -> tuple[tuple[float, float], ...] | None:
         return _polygon(value, allow_none, self.config.limits.max_polygon_vertices)
 
-    def _set_objective(self, objective: str) -> dict[str, Any]:
+    def _on_set_objective(self, args: ObjectiveArgs) -> Handled:
+        objective = args.objective
         objectives = self.config.optics.objectives
         if objective not in objectives:
             known = ", ".join(objectives)
@@ -798,7 +799,7 @@ class Daemon:
         self.stability = StabilityDetector(self.config.daemon.capture, self.pixel_size_um)
         log.info("objective_changed", objective=objective, pixel_size_um=self.pixel_size_um)
         self._publish_status()
-        return {"objective": objective, "pixel_size_um": self.pixel_size_um}
+        return {"objective": objective, "pixel_size_um": self.pixel_size_um}, []
 
     def _close_case(self) -> CaseState:
         """Close the open case once its queued work is done, so that its last results and overlays are published
@@ -829,11 +830,11 @@ class Daemon:
         )
         self.publisher.publish(Topic.RESULT, body, case_id=self._case_id())
 
-    def _set_weak(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _on_set_weak(self, args: WeakArgs) -> Handled:
         from her2scope.scoring import weak_threshold_from_region
 
-        fov_id = _required_str(args, "fov_id")
-        polygon = self._polygon(args.get("polygon"))
+        fov_id = args.fov_id
+        polygon = self._polygon(args.polygon)
         if polygon is None:  # pragma: no cover - _polygon raises for None unless allowed
             raise RequestError("set-weak needs a polygon")
         record = self.store.record(fov_id)
@@ -849,121 +850,91 @@ class Daemon:
         self._check_room(self._rescored())
         self.store.set_params(params, "set-weak", {"fov_id": fov_id, "polygon": polygon, "threshold_od": threshold})
         queued = self._rescore("weak threshold changed")
-        return {"weak_threshold_od": threshold, "queued": queued}
+        return {"weak_threshold_od": threshold, "queued": queued}, []
 
-    def _set_intense(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _on_set_intense(self, args: IntenseArgs) -> Handled:
         case = self.store.case
         if case is None:
             raise CaseError("no case is open")
-        fov_id = _optional_str(args, "fov_id") or case.control_fov_id
+        fov_id = args.fov_id or case.control_fov_id
         if fov_id is None:
             raise RequestError("set-intense needs a captured positive control (or 'fov_id' of one)")
         record = self.store.record(fov_id)
         if record.kind != "control":
             raise RequestError(f"{fov_id} is not a positive control; the intense threshold comes from a control")
-        polygon = self._polygon(args.get("polygon"), allow_none=True)  # None: calibrate from the whole control again
+        polygon = self._polygon(args.polygon, allow_none=True)  # None: calibrate from the whole control again
         self._check_room([record])
         record = self.store.set_calibration_region(fov_id, polygon)
         self._submit(record, trigger="rescore")
-        return {"fov_id": fov_id, "queued": 1}
+        return {"fov_id": fov_id, "queued": 1}, []
 
-    def _stage(self, args: dict[str, Any]) -> dict[str, Any]:
-        from her2scope.daemon.simulator import SimulatedMicroscope
-
-        if not isinstance(self.source, SimulatedMicroscope):
+    def _on_stage(self, args: StageArgs) -> Handled:
+        stage = self.source
+        if not isinstance(stage, StageControl):
             raise RequestError("stage commands need the simulated microscope (camera kind 'simulated')")
-        action = _required_str(args, "action")
-        microscope = self.source
+        action = args.action
         if action == "goto-control":
-            microscope.goto_control()
+            stage.goto_control()
         elif action == "goto-field":
-            field = args.get("field")
-            if not isinstance(field, int) or isinstance(field, bool) or not 0 <= field < microscope.n_fields:
-                raise RequestError(f"goto-field needs 'field', an integer in [0, {microscope.n_fields})")
-            microscope.goto_field(field)
+            field = args.field
+            if not isinstance(field, int) or isinstance(field, bool) or not 0 <= field < stage.n_fields:
+                raise RequestError(f"goto-field needs 'field', an integer in [0, {stage.n_fields})")
+            stage.goto_field(field)
         elif action == "hold":
-            microscope.hold()
+            stage.hold()
         elif action == "resume":
-            microscope.resume_script()
+            stage.resume_script()
         elif action == "unplug":
-            duration = args.get("duration_ms", 2000)
+            duration = args.duration_ms
             if not isinstance(duration, (int, float)) or isinstance(duration, bool) or not 0 < duration <= 600_000:
                 raise RequestError("unplug needs 'duration_ms' in (0, 600000]")
-            microscope.unplug(float(duration))
+            stage.unplug(float(duration))
         elif action == "freeze":
-            microscope.freeze()
+            stage.freeze()
         elif action != "status":
             raise RequestError(
                 f"unknown stage action {action!r}; use goto-control, goto-field, hold, resume, unplug, freeze or status"
             )
-        status = microscope.status()
-        return {
-            "action": action,
-            "stage": {
-                "state": status.state.value,
-                "target": status.target,
-                "on_control": status.on_control,
-                "position_um": list(status.position_um),
-            },
-        }
+        return {"action": action, "stage": stage.stage_report()}, []
 
 
-#: The arguments each command takes: anything else is an error, so that a typo cannot change what it does.
-ALLOWED_ARGS: dict[Command, frozenset[str]] = {
-    Command.CAPTURE: frozenset(),
-    Command.CAPTURE_CONTROL: frozenset(),
-    Command.START_CASE: frozenset({"case_id", "operator", "guideline", "specimen"}),
-    Command.CLOSE_CASE: frozenset(),
-    Command.SET_ROI: frozenset({"fov_id", "polygon"}),
-    Command.SET_WEAK: frozenset({"fov_id", "polygon"}),
-    Command.SET_INTENSE: frozenset({"fov_id", "polygon"}),
-    Command.EXCLUDE: frozenset({"fov_id"}),
-    Command.INCLUDE: frozenset({"fov_id"}),
-    Command.RESCORE: frozenset({"fov_id"}),
-    Command.STATUS: frozenset(),
-    Command.SNAPSHOT: frozenset(),
-    Command.REPLAY: frozenset({"since_seq"}),
-    Command.AUTO_CAPTURE: frozenset({"enabled"}),
-    Command.STAGE: frozenset({"action", "field", "duration_ms"}),
-    Command.IMAGE: frozenset({"fov_id"}),
-    Command.SET_OBJECTIVE: frozenset({"objective"}),
+Handled = tuple[dict[str, Any], list[bytes]]
+"""What a command's handler returns: its reply data and payload frames."""
+
+#: Each command's handler (its arguments and summary: protocol.COMMANDS). A new command is a Command, an entry of
+#: COMMANDS and a handler here.
+COMMAND_HANDLERS: dict[Command, Callable[[Daemon, Any], Handled]] = {
+    Command.CAPTURE: Daemon._on_capture,
+    Command.CAPTURE_CONTROL: Daemon._on_capture_control,
+    Command.START_CASE: Daemon._on_start_case,
+    Command.CLOSE_CASE: Daemon._on_close_case,
+    Command.SET_ROI: Daemon._on_set_roi,
+    Command.SET_WEAK: Daemon._on_set_weak,
+    Command.SET_INTENSE: Daemon._on_set_intense,
+    Command.EXCLUDE: Daemon._on_exclude,
+    Command.INCLUDE: Daemon._on_include,
+    Command.RESCORE: Daemon._on_rescore,
+    Command.STATUS: Daemon._on_status,
+    Command.SNAPSHOT: Daemon._on_snapshot,
+    Command.REPLAY: Daemon._on_replay,
+    Command.AUTO_CAPTURE: Daemon._on_auto_capture,
+    Command.STAGE: Daemon._on_stage,
+    Command.IMAGE: Daemon._on_image,
+    Command.SET_OBJECTIVE: Daemon._on_set_objective,
 }
 
 
-def _check_args(request: Request) -> None:
-    unknown = sorted(set(request.args) - ALLOWED_ARGS[request.command])
-    if unknown:
-        allowed = ", ".join(sorted(ALLOWED_ARGS[request.command])) or "none"
-        raise RequestError(f"unknown argument(s) {', '.join(unknown)} for {request.command.value}; it takes: {allowed}")
-
-
-def _case_rule(default: CaseRule, args: dict[str, Any]) -> CaseRule:
+def _case_rule(default: CaseRule, args: StartCaseArgs) -> CaseRule:
     """The configuration's case rule with the guideline and specimen a start-case request chose."""
     update: dict[str, Any] = {}
     for key, choices in (("guideline", Guideline), ("specimen", Specimen)):
-        value = _optional_str(args, key)
+        value = getattr(args, key)
         if value is None:
             continue
         if value not in {c.value for c in choices}:
             raise RequestError(f"unknown {key} {value!r}; use one of: {', '.join(c.value for c in choices)}")
         update[key] = choices(value)
     return CaseRule.model_validate({**default.model_dump(), **update}) if update else default
-
-
-def _required_str(args: dict[str, Any], key: str) -> str:
-    value = args.get(key)
-    if not isinstance(value, str) or not value:
-        raise RequestError(f"'{key}' must be a non-empty string")
-    return value
-
-
-def _optional_str(args: dict[str, Any], key: str) -> str | None:
-    value = args.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise RequestError(f"'{key}' must be a non-empty string when given")
-    return value
 
 
 def _polygon(value: object, allow_none: bool, max_vertices: int) -> tuple[tuple[float, float], ...] | None:
@@ -984,8 +955,3 @@ def _polygon(value: object, allow_none: bool, max_vertices: int) -> tuple[tuple[
             raise RequestError(f"polygon vertex {vertex!r:.60} is not a [row, col] pair of finite numbers")
         vertices.append((float(vertex[0]), float(vertex[1])))
     return tuple(vertices)
-
-
-def endpoints_file(state_directory: Path) -> Path:
-    """Where a running daemon writes its bound endpoints (for clients and tests using random ports)."""
-    return state_directory.expanduser() / "endpoints.json"

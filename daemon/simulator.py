@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 import cv2
 import numpy as np
@@ -585,6 +585,16 @@ class SimulatedMicroscope:
         """A snapshot of the stage now."""
         with self._lock:
             return self._stage.status(self._clock(), self._px, self._field_shape)
+
+    def stage_report(self) -> dict[str, Any]:
+        """The stage now, as the daemon's ``stage`` command replies (``daemon.frames.StageControl``)."""
+        status = self.status()
+        return {
+            "state": status.state.value,
+            "target": status.target,
+            "on_control": status.on_control,
+            "position_um": list(status.position_um),
+        }
 
     def goto_control(self) -> None:
         """Interrupt the script: pan to the positive control and stay there."""
