@@ -43,7 +43,8 @@ def disk_core(size: int = CORE_SIZE, radius: int = CORE_RADIUS, seed: int = 3) -
     cv2.circle(image, (size // 2, size // 2), radius, TISSUE_RGB, thickness=-1)
     noise = np.empty_like(image)
     cv2.setRNGSeed(seed)
-    cv2.randu(noise, 0, 7)  # 0-6 grey levels darker, drawn per pixel and channel
+    # 0-6 grey levels darker, drawn per pixel and channel (OpenCV's stubs want arrays for the bounds; it takes numbers)
+    cv2.randu(noise, 0, 7)  # type: ignore[call-overload]
     return cv2.subtract(image, noise)
 
 

@@ -142,7 +142,7 @@ def test_anisotropy_tells_spindle_from_round_nuclei() -> None:
     cv2.ellipse(image, (50, 50), (8, 8), 0, 0, 360, 1.0, -1)  # round, 16 px
     cv2.ellipse(image, (150, 50), (10, 7), 30, 0, 360, 1.0, -1)  # oval tumour nucleus, 1.4:1
     cv2.ellipse(image, (100, 150), (25, 3), 60, 0, 360, 1.0, -1)  # spindle, 8:1
-    smooth = cv2.GaussianBlur(image, (0, 0), 4.0)
+    smooth = np.asarray(cv2.GaussianBlur(image, (0, 0), 4.0), np.float32)
     ratio = nucleus_anisotropy(NucleusScale(smooth, 1), np.array([[50.0, 50.0], [50.0, 150.0], [150.0, 100.0]]))
     assert ratio[0] < 1.2
     assert ratio[1] < 2.5
@@ -193,8 +193,8 @@ def test_2_lateral_and_basolateral_staining_counts_under_the_gastric_guideline(i
         gland_fraction=1.0,
         gland_intense_fraction=1.0,
     )
-    sides = [c for c in fov.cells if c.membrane_pattern in ("lateral", "basolateral")]
-    assert len(sides) >= 0.5 * len(fov.cells)
+    side_cells = [c for c in fov.cells if c.membrane_pattern in ("lateral", "basolateral")]
+    assert len(side_cells) >= 0.5 * len(fov.cells)
     control = calibrate_from_control(render_hard_control(SHAPE, PIXEL_SIZE_40X, seed=7).rgb, PIXEL_SIZE_40X)
     gastric = GASTRIC_SMALL_FIELD
     result = score_fov(fov.rgb, PIXEL_SIZE_40X, PER_CELL, control=control, rule=gastric)
@@ -422,7 +422,8 @@ def test_territory_limits_are_where_a_ray_leaves_its_cell(margin_px: float) -> N
         points = centres[:, None, :] + t[:, :, None] * directions[None]
         to_all = np.linalg.norm(points[:, :, None, :] - nuclei[None, None], axis=3)
         to_all[np.arange(len(centres)), :, np.arange(len(centres))] = np.inf  # not its own nucleus
-        return np.linalg.norm(points - centres[:, None, :], axis=2) - to_all.min(axis=2)
+        farther: np.ndarray = np.linalg.norm(points - centres[:, None, :], axis=2) - to_all.min(axis=2)
+        return farther
 
     finite = limits <= 24.0  # exact within reach (beyond it, the rays have ended anyway)
     assert finite.mean() > 0.9  # in a crowded sheet almost every ray meets a neighbour's territory

@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from her2scope.clients.cli import app
+from tests.helpers.images import read_image
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 HER2_0 = SAMPLES / "her2_0.jpg"
@@ -200,8 +201,8 @@ def test_overlays_written(case_report: dict[str, Any], overlay_dir: Path) -> Non
         assert image.shape == FOV_SHAPE
         assert image.dtype == np.uint8
     # An overlay draws on the FOV: it differs from, but still resembles, the image under it.
-    fov = cv2.imread(str(HER2_3PLUS)).astype(np.int16)
-    overlay = cv2.imread(str(overlay_dir / "her2_3plus_overlay.png")).astype(np.int16)
+    fov = read_image(HER2_3PLUS).astype(np.int16)
+    overlay = read_image(overlay_dir / "her2_3plus_overlay.png").astype(np.int16)
     difference = np.abs(overlay - fov).mean()
     assert 0.5 < difference < 60.0
 
@@ -388,9 +389,9 @@ def test_config_file_is_used(tmp_path: Path) -> None:
 
 
 def to_16bit(source: Path, target: Path) -> Path:
-    image = cv2.imread(str(source)).astype(np.uint16) * 257
+    image = read_image(source).astype(np.uint16) * 257
     assert cv2.imwrite(str(target), image)
-    assert cv2.imread(str(target), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    assert read_image(target, cv2.IMREAD_UNCHANGED).dtype == np.uint16
     return target
 
 
@@ -413,8 +414,8 @@ def test_16bit_control_calibrates_and_draws_like_8bit(tmp_path: Path) -> None:
     sixteen = run_json(HER2_0, "--control", deep, "--overlay-dir", sixteen_dir)["control"]
     assert sixteen["intense_threshold_od"] == pytest.approx(eight["intense_threshold_od"], rel=0.02)
     # The control overlay is drawn over the control converted to 8 bits, not over clipped 16-bit values.
-    a = cv2.imread(eight["overlay"]).astype(np.int16)
-    b = cv2.imread(sixteen["overlay"]).astype(np.int16)
+    a = read_image(eight["overlay"]).astype(np.int16)
+    b = read_image(sixteen["overlay"]).astype(np.int16)
     assert a.shape == b.shape == FOV_SHAPE
     assert np.abs(a - b).mean() < 5.0
 

@@ -78,7 +78,8 @@ def test_only_listed_clients_get_anything(tmp_path: Path) -> None:
         # ctl with the listed key works; without a key, or with another, nothing answers (exit 3)
         ok = _her2scope("ctl", "--key", lab_key, "status", "--config", config, "--json")
         assert ok.returncode == 0 and '"daemon": "running"' in ok.stdout, ok.stderr
-        for key in ([], ["--key", stranger_key]):
+        no_key: list[str | Path] = []
+        for key in (no_key, ["--key", stranger_key]):
             refused = _her2scope("ctl", *key, "status", "--config", config, "--timeout-ms", "1500")
             assert refused.returncode == 3 and "did not answer" in refused.stderr, refused.stderr
         # a subscriber and a control client with an unknown key or none get nothing, while a listed one is served

@@ -182,7 +182,7 @@ def test_the_lossless_image_of_a_fov_can_be_fetched(daemon: Daemon) -> None:
     reply, frames = daemon.control.request_raw(frame)
     assert reply.ok and reply.payload_count == 1 and reply.data["encoding"] == "png"
     image = cv2.imdecode(np.frombuffer(frames[0], np.uint8), cv2.IMREAD_UNCHANGED)
-    assert image.shape == (540, 960, 3) and image.dtype == np.uint8
+    assert image is not None and image.shape == (540, 960, 3) and image.dtype == np.uint8
     on_disk = cv2.imread(str(daemon.state / "cases" / case["case_id"] / f"{fov['fov_id']}.png"), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(image, on_disk)
 

@@ -121,7 +121,7 @@ def test_a_request_over_the_size_limit_is_refused_unread(daemon: Daemon) -> None
 
 
 def _raw_dealer(endpoint: str, **options: int) -> zmq.Socket[bytes]:
-    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     for name, value in options.items():
         socket.setsockopt(getattr(zmq, name), value)

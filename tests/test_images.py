@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from her2scope.clients.images import InputError, read_rgb, read_roi, write_rgb
+from tests.helpers.images import read_image
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -66,7 +67,7 @@ def test_read_sample_jpeg() -> None:
     assert image.shape == (1080, 1920, 3)
     assert image.dtype == np.uint8
     # Brightfield IHC: a bright background; matches cv2's BGR read reversed.
-    np.testing.assert_array_equal(image, cv2.imread(str(SAMPLES / "her2_3plus.jpg"))[:, :, ::-1])
+    np.testing.assert_array_equal(image, read_image(SAMPLES / "her2_3plus.jpg")[:, :, ::-1])
 
 
 def test_write_rgb_round_trip(tmp_path: Path) -> None:

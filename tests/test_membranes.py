@@ -12,7 +12,9 @@ from her2scope.scoring.membranes import cell_area_bounds_px, complete_membranes
 AREA = (50.0, 5000.0)
 
 
-def ring(shape=(120, 160), centre=(60, 80), radius=20, thickness=2) -> np.ndarray:
+def ring(
+    shape: tuple[int, int] = (120, 160), centre: tuple[int, int] = (60, 80), radius: int = 20, thickness: int = 2
+) -> np.ndarray:
     mask = np.zeros(shape, np.uint8)
     cv2.circle(mask, (centre[1], centre[0]), radius, 1, thickness)
     return mask.astype(bool)

@@ -8,7 +8,9 @@ import numpy as np
 from her2scope.scoring import nuclei
 
 
-def blobs(centres: list[tuple[int, int]], shape=(200, 200), radius=6, od=0.6) -> np.ndarray:
+def blobs(
+    centres: list[tuple[int, int]], shape: tuple[int, int] = (200, 200), radius: int = 6, od: float = 0.6
+) -> np.ndarray:
     image = np.zeros(shape, np.float32)
     for row, col in centres:
         cv2.circle(image, (col, row), radius, od, -1)

@@ -381,7 +381,8 @@ def test_a_case_started_between_the_snapshot_and_the_replay_is_followed(setup: S
     daemon = setup.daemon
     out = setup.root / "race-cases"
     recorder = setup.in_process_recorder(out)
-    real_replay, started = recorder._replay, []
+    real_replay = recorder._replay
+    started: list[dict[str, Any]] = []
 
     def start_case_then_replay(since: int) -> Any:  # the pathologist starts a case while the recorder syncs
         if not started:

@@ -14,12 +14,19 @@ H = (0.650, 0.704, 0.286)
 DAB = (0.268, 0.570, 0.776)
 
 
-def render(h_od: np.ndarray, dab_od: np.ndarray, h=H, dab=DAB, white: float = 255.0) -> np.ndarray:
+def render(
+    h_od: np.ndarray,
+    dab_od: np.ndarray,
+    h: tuple[float, float, float] = H,
+    dab: tuple[float, float, float] = DAB,
+    white: float = 255.0,
+) -> np.ndarray:
     """Beer–Lambert forward model: stain amounts → float RGB intensities in [0, white]."""
     h_unit = np.asarray(h) / np.linalg.norm(h)
     d_unit = np.asarray(dab) / np.linalg.norm(dab)
     od = h_od[..., None] * h_unit + dab_od[..., None] * d_unit
-    return white * 10.0 ** (-od)
+    rgb: np.ndarray = white * 10.0 ** (-od)
+    return rgb
 
 
 @pytest.fixture(scope="module")

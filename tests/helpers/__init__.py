@@ -8,5 +8,6 @@ module or from ``conftest.py`` (which holds the pytest fixtures only).
   waiting for it (``wait_for``, ``arrive``, ``next_message``).
 - ``recorder``: the recorder as a process or in process beside such a daemon (``Setup``), capturing FOVs, and reading
   the case folder it writes (``read_docs``, ``wait_for_docs``).
+- ``images``: ``read_image``, ``cv2.imread`` that fails the test when a file cannot be read.
 - ``viewer``: the frames the daemon publishes, made in the test process (``Daemonish``), and a connected viewer state.
 """

@@ -109,7 +109,7 @@ class Daemon:
 
     def _running(self) -> bool:
         try:
-            return self.control.call("status")["daemon"] == "running"
+            return bool(self.control.call("status")["daemon"] == "running")
         except ControlError:
             return False
 

@@ -9,10 +9,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.helpers.daemon import CONFIG, Daemon, arrive, json_lines, wait_for
 from tests.helpers.processes import ROOT, die_with_parent
+
+if TYPE_CHECKING:
+    from her2scope.clients.recorder import Recorder
 
 ROI = [[20.0, 20.0], [20.0, 700.0], [500.0, 700.0], [500.0, 20.0]]
 
@@ -84,7 +87,7 @@ class Setup:
         self._recorders.append(recorder)
         return recorder
 
-    def in_process_recorder(self, out: Path, *, with_daemon_state: bool = True, **options: Any) -> Any:
+    def in_process_recorder(self, out: Path, *, with_daemon_state: bool = True, **options: Any) -> Recorder:
         """A Recorder object driven by the test (``step``), following this setup's daemon."""
         from her2scope.clients.recorder import Recorder
         from her2scope.config.scoring import CaseRule, ScoringParams
