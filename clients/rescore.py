@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +219,47 @@ def rescore_case(
     RescoreError
         Not a case folder, a log without a start, an unreadable config, a bad ``--set``.
     """
-    from her2scope.scoring import analyse_fov, calibrate_from_control, score_case
+    from her2scope.scoring import score_case
 
     case = RecordedCase(case_dir)
+    params, rule, changes = _chosen_parameters(case, config_path, overrides, guideline, specimen)
+    rescored = _rescore_fovs(case, params, rule)
+    included = [
+        result
+        for fov_id, result in rescored.results.items()
+        if result is not None and case.latest[fov_id].kind == "fov" and fov_id not in case.excluded
+    ]
+    new_case = score_case(included, rule, rescored.control)
+    fovs = _compare_fovs(case, rescored)
+    old_case, new_case_doc = _compare_case(case, new_case, rescored.notes)
+    case_same = old_case["score"] == new_case_doc["score"] and (
+        old_case["counts"] is None or old_case["counts"] == new_case_doc["counts"]
+    )
+    comparison: dict[str, Any] = {
+        "case_dir": str(case_dir),
+        "case_id": case.start.case_id,
+        "changed": bool(changes),
+        "changes": {key: list(value) for key, value in changes.items()},
+        "reproduced": case_same and all(f["same"] for f in fovs),
+        "fovs": fovs,
+        "case": {"old": old_case, "new": new_case_doc, "same": case_same},
+        "notes": rescored.notes,
+        "output": None,
+    }
+    if changes:
+        comparison["output"] = str(_write_result(case, comparison, params, rule, changes, rescored, new_case))
+    return comparison
+
+
+def _chosen_parameters(
+    case: RecordedCase,
+    config_path: Path | None,
+    overrides: list[str] | None,
+    guideline: str | None,
+    specimen: str | None,
+) -> tuple[ScoringParams, CaseRule, dict[str, tuple[Any, Any]]]:
+    """The parameters to re-score with (the recorded ones, or a configuration's, with the ``--set`` overrides and
+    the chosen guideline), and what differs from the recorded ones."""
     chosen = [f"case_rule.{k}={v}" for k, v in (("guideline", guideline), ("specimen", specimen)) if v is not None]
     parsed = parse_overrides([*(overrides or []), *chosen])
     recorded = (case.recorded_params(), case.start.rule)
@@ -237,20 +276,33 @@ def rescore_case(
     else:
         base = recorded
     params, rule = apply_overrides(base[0], base[1], parsed)
-    changes = parameter_changes(recorded, (params, rule))
-    changed = bool(changes)
+    return params, rule, parameter_changes(recorded, (params, rule))
 
-    notes: list[str] = []
-    analyses: dict[str, Any] = {}
-    new_results: dict[str, FovResult | None] = {}
-    calibrations: dict[str, ControlCalibration] = {}
-    errors: dict[str, str] = {}
-    images: dict[str, Any] = {}
+
+@dataclass
+class _Rescored:
+    """The recorded FOVs scored again: their images, analyses and results, the controls' calibrations, the case's
+    control (None when it could not be calibrated), why a FOV failed, and notes for the comparison."""
+
+    images: dict[str, Any] = field(default_factory=dict)
+    analyses: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, FovResult | None] = field(default_factory=dict)
+    calibrations: dict[str, ControlCalibration] = field(default_factory=dict)
+    control: ControlCalibration | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _rescore_fovs(case: RecordedCase, params: ScoringParams, rule: CaseRule) -> _Rescored:
+    """Score every recorded FOV again: the controls first, which calibrate the tumour FOVs."""
+    from her2scope.scoring import analyse_fov, calibrate_from_control
+
+    done = _Rescored()
     for fov_id, event in case.latest.items():
         try:
-            images[fov_id] = _read_bgr(case_dir / event.data.image)
+            done.images[fov_id] = _read_bgr(case.case_dir / event.data.image)
         except FileNotFoundError as error:
-            errors[fov_id] = str(error)
+            done.errors[fov_id] = str(error)
 
     def pixel_size(event: EventDoc) -> float:
         size = event.data.pixel_size_um or case.start.pixel_size_um
@@ -258,70 +310,62 @@ def rescore_case(
             raise RescoreError(f"{event.fov_id}: the record has no pixel size")
         return float(size)
 
-    for fov_id, event in case.latest.items():  # controls first: they calibrate the tumour FOVs
-        if event.kind != "control" or fov_id not in images:
-            continue
-        try:
-            calibration = calibrate_from_control(
-                images[fov_id],
-                pixel_size(event),
-                params,
-                region_polygon=case.regions.get(fov_id),
-                rule=rule,
-                channel_order="BGR",
-            )
-            calibrations[fov_id] = calibration
-            analyses[fov_id] = analyse_fov(
-                images[fov_id],
-                pixel_size(event),
-                params,
-                control=calibration,
-                roi_polygon=case.rois.get(fov_id),
-                rule=rule,
-                channel_order="BGR",
-            )
-        except ValueError as error:
-            errors[fov_id] = f"ValueError: {error}"
-    control_id = case.control_fov_id()
-    control = calibrations.get(control_id) if control_id else None
-    if control_id and control is None:
-        notes.append(f"the control {control_id} could not be calibrated: the default intense threshold was used")
-    for fov_id, event in case.latest.items():
-        if event.kind != "fov" or fov_id not in images:
-            continue
-        try:
-            analyses[fov_id] = analyse_fov(
-                images[fov_id],
-                pixel_size(event),
-                params,
-                control=control,
-                roi_polygon=case.rois.get(fov_id),
-                rule=rule,
-                channel_order="BGR",
-            )
-        except ValueError as error:
-            errors[fov_id] = f"ValueError: {error}"
-    for fov_id in case.latest:
-        new_results[fov_id] = analyses[fov_id].result if fov_id in analyses else None
-    included = [
-        result
-        for fov_id, result in new_results.items()
-        if result is not None and case.latest[fov_id].kind == "fov" and fov_id not in case.excluded
-    ]
-    new_case = score_case(included, rule, control)
+    def analyse(fov_id: str, event: EventDoc, control: ControlCalibration | None) -> None:
+        done.analyses[fov_id] = analyse_fov(
+            done.images[fov_id],
+            pixel_size(event),
+            params,
+            control=control,
+            roi_polygon=case.rois.get(fov_id),
+            rule=rule,
+            channel_order="BGR",
+        )
 
+    for kind in ("control", "fov"):
+        for fov_id, event in case.latest.items():
+            if event.kind != kind or fov_id not in done.images:
+                continue
+            try:
+                if kind == "control":
+                    calibration = calibrate_from_control(
+                        done.images[fov_id],
+                        pixel_size(event),
+                        params,
+                        region_polygon=case.regions.get(fov_id),
+                        rule=rule,
+                        channel_order="BGR",
+                    )
+                    done.calibrations[fov_id] = calibration
+                    analyse(fov_id, event, calibration)
+                else:
+                    analyse(fov_id, event, done.control)
+            except ValueError as error:
+                done.errors[fov_id] = f"ValueError: {error}"
+        if kind == "control":
+            control_id = case.control_fov_id()
+            done.control = done.calibrations.get(control_id) if control_id else None
+            if control_id and done.control is None:
+                done.notes.append(
+                    f"the control {control_id} could not be calibrated: the default intense threshold was used"
+                )
+    done.results = {fov_id: done.analyses[fov_id].result if fov_id in done.analyses else None for fov_id in case.latest}
+    return done
+
+
+def _compare_fovs(case: RecordedCase, rescored: _Rescored) -> list[dict[str, Any]]:
+    """Per recorded FOV: its recorded and its new status, counts and score, and whether they are the same."""
     fovs = []
     for fov_id, event in case.latest.items():
-        result = new_results[fov_id]
+        result = rescored.results[fov_id]
         old = {"status": event.status, "counts": event.data.counts, "score": event.data.score}
         new = {
             "status": "scored" if result is not None else "failed",
             "counts": result.counts.model_dump(mode="json") if result is not None else None,
             "score": result.call.score.value if result is not None and result.call.score else None,
-            "error": errors.get(fov_id),
+            "error": rescored.errors.get(fov_id),
         }
         if result is not None and event.data.intense_threshold_source not in (None, result.intense_threshold_source):
-            notes.append(
+            rescored.notes.append(
                 f"{fov_id}: recorded with the {event.data.intense_threshold_source} threshold, re-scored with the "
                 f"{result.intense_threshold_source.value} one (it was recorded before the control was calibrated)"
             )
@@ -336,6 +380,11 @@ def rescore_case(
                 "same": same,
             }
         )
+    return fovs
+
+
+def _compare_case(case: RecordedCase, new_case: CaseResult, notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recorded case score (the final one, or the last running one of a case not closed) and the new one."""
     if case.stop is not None:
         old_case = {"score": case.stop.score, "status": case.stop.status, "counts": case.stop.counts}
     else:
@@ -351,27 +400,7 @@ def rescore_case(
         "counts": new_case.counts.model_dump(mode="json"),
         "warnings": list(new_case.warnings),
     }
-    case_same = old_case["score"] == new_case_doc["score"] and (
-        old_case["counts"] is None or old_case["counts"] == new_case_doc["counts"]
-    )
-    comparison: dict[str, Any] = {
-        "case_dir": str(case_dir),
-        "case_id": case.start.case_id,
-        "changed": changed,
-        "changes": {key: list(value) for key, value in changes.items()},
-        "reproduced": case_same and all(f["same"] for f in fovs),
-        "fovs": fovs,
-        "case": {"old": old_case, "new": new_case_doc, "same": case_same},
-        "notes": notes,
-        "output": None,
-    }
-    if changed:
-        comparison["output"] = str(
-            _write_result(
-                case, comparison, params, rule, changes, analyses, new_results, calibrations, new_case, images
-            )
-        )
-    return comparison
+    return old_case, new_case_doc
 
 
 def _write_result(
@@ -380,11 +409,8 @@ def _write_result(
     params: ScoringParams,
     rule: CaseRule,
     changes: dict[str, tuple[Any, Any]],
-    analyses: dict[str, Any],
-    results: dict[str, FovResult | None],
-    calibrations: dict[str, ControlCalibration],
+    rescored: _Rescored,
     new_case: CaseResult,
-    images: dict[str, Any],
 ) -> Path:
     """Write the re-scored case beside the record: ``rescore-<time>/`` with its own log, report and overlays."""
     import os
@@ -399,7 +425,7 @@ def _write_result(
     (out / "overlays").mkdir(parents=True, mode=0o700)
     os.chmod(out, 0o700)
     control_id = case.control_fov_id()
-    control = calibrations.get(control_id) if control_id else None
+    control = rescored.calibrations.get(control_id) if control_id else None
     control_entry = ControlEntry(fov_id=control_id, **dict(control)) if control else None
     summary = CaseSummary(
         closed_at=case.stop.closed_at if case.stop else None,
@@ -428,20 +454,22 @@ def _write_result(
     for action in case.actions:
         docs.append(run.action(action.index, AuditEntry(time=action.at, action=action.action, args=action.args)))
     for fov_id, event in case.latest.items():
-        result = results[fov_id]
+        result = rescored.results[fov_id]
         body = {
             "result": result.model_dump(mode="json") if result else None,
-            "calibration": calibrations[fov_id].model_dump(mode="json") if fov_id in calibrations else None,
+            "calibration": (
+                rescored.calibrations[fov_id].model_dump(mode="json") if fov_id in rescored.calibrations else None
+            ),
             "error": None if result else comparison_error(comparison, fov_id),
         }
         data = fov_data(fov_id, body, summary).model_copy(update={"image": f"../{event.data.image}"})
-        if fov_id in analyses:
-            analysis = analyses[fov_id]
+        if fov_id in rescored.analyses:
+            analysis = rescored.analyses[fov_id]
             width = min(960, analysis.image.fov_shape[1])
             overlay = render_overlay(analysis, width=width)
             height = next(iter(overlay.layers.values())).shape[0]
             rgb = cv2.cvtColor(
-                cv2.resize(images[fov_id], (width, height), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB
+                cv2.resize(rescored.images[fov_id], (width, height), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB
             )
             ok, png = cv2.imencode(".png", cv2.cvtColor(overlay.compose(rgb, DEFAULT_LAYERS), cv2.COLOR_RGB2BGR))
             if ok:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,7 +122,7 @@ def test_a_case_started_from_the_shell_with_the_gastric_biopsy_guideline(daemon:
 
 
 @pytest.mark.parametrize(("command", "args"), [("nonsense", {}), ("status", {"v": object()})])
-def test_a_request_the_protocol_refuses_is_never_sent(command: str, args: dict[str, object]) -> None:
+def test_a_request_the_protocol_refuses_is_never_sent(command: str, args: dict[str, Any]) -> None:
     """ControlClient.request builds the protocol's Request: an unknown command (or arguments that are not JSON)
     fails at once, without waiting for a daemon that would refuse it."""
     import time
