@@ -33,6 +33,17 @@ def _exactly_int(value: object) -> object:
 Version = Annotated[Literal[1], BeforeValidator(_exactly_int)]
 
 
+#: A daemon whose heartbeat (``status``) has not come for this many intervals, and for at least ``MIN_SILENCE_MS``,
+#: is taken as gone by every client (section 4.5): three lets two heartbeats be late or lost on a loaded machine.
+SILENT_HEARTBEATS = 3
+MIN_SILENCE_MS = 2000.0
+
+
+def silence_limit_ms(heartbeat_ms: float) -> float:
+    """How long without a heartbeat a client waits before it takes the daemon as gone."""
+    return max(SILENT_HEARTBEATS * heartbeat_ms, MIN_SILENCE_MS)
+
+
 class ProtocolError(ValueError):
     """A message or request that does not follow the protocol; the message says what is wrong."""
 

@@ -37,6 +37,7 @@ from her2scope.daemon.protocol import (
     ResultBody,
     StatusBody,
     Topic,
+    silence_limit_ms,
 )
 
 log = structlog.get_logger(__name__)
@@ -80,7 +81,7 @@ class Recorder:
         self._endpoints = endpoints
         self._fallback = (fallback_params, fallback_rule, pixel_size_um)
         self._daemon_state = daemon_state.expanduser() if daemon_state else None
-        self._silence_ms = max(5 * heartbeat_ms, 2000.0)
+        self._silence_ms = silence_limit_ms(heartbeat_ms)
         self._timeout_ms = timeout_ms
         self._curve = curve  # CURVE keys for a daemon that uses them (docs/protocol.md, section 11)
         self._context: zmq.Context[Any] = zmq.Context()

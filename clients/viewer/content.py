@@ -10,11 +10,11 @@ from typing import Literal
 
 from her2scope.clients.viewer.palette import ACCENT, BAD, BGR, CLASS_BGR, GOOD, MUTED, STABILITY_COLOURS, TEXT, WARN
 from her2scope.clients.viewer.state import (
-    SILENT_INTERVALS,
     ViewerState,
     daemon_responding,
     rule_text,
     silence_s,
+    silent_after_s,
 )
 from her2scope.scoring.results import Her2Score
 
@@ -54,7 +54,7 @@ def status_segments(state: ViewerState) -> list[tuple[str, BGR]]:
     segments: list[tuple[str, BGR]] = []
     if daemon_responding(state):
         segments.append(("daemon ok", GOOD))
-    elif state.last_heard is None and silence_s(state) <= SILENT_INTERVALS * state.heartbeat_s:
+    elif state.last_heard is None and silence_s(state) <= silent_after_s(state):
         segments.append(("connecting…", WARN))
     else:
         segments.append((f"daemon not responding (no heartbeat for {silence_s(state):.0f} s)", BAD))

@@ -24,6 +24,7 @@ from her2scope.daemon.protocol import (
     ResultBody,
     Topic,
     decode,
+    silence_limit_ms,
 )
 from her2scope.scoring.overlay import LAYER_NAMES, compose
 
@@ -34,8 +35,6 @@ MAX_CACHED_FOVS = 12
 #: Layers shown at start. The daemon's ``panel`` layer is off: the viewer prints the same facts beside the image,
 #: in a font that stays sharp at any size (key 5 shows it).
 VIEWER_LAYERS: tuple[str, ...] = ("cells", "completeness", "region")
-#: No heartbeat for this many intervals: the daemon is taken as gone (protocol.md, section 4.5).
-SILENT_INTERVALS = 3.0
 
 KEY_TAB, KEY_ENTER, KEY_RETURN, KEY_ESC, KEY_BACKSPACE, KEY_DELETE = 9, 13, 10, 27, 8, 127
 LAYER_KEYS: Mapping[str, str] = {str(i + 1): name for i, name in enumerate(LAYER_NAMES)}
@@ -625,9 +624,14 @@ def silence_s(state: ViewerState) -> float:
     return state.now - (state.last_heard if state.last_heard is not None else state.started_at)
 
 
+def silent_after_s(state: ViewerState) -> float:
+    """How long without a heartbeat before the daemon is taken as gone (the protocol's one definition)."""
+    return silence_limit_ms(state.heartbeat_s * 1000.0) / 1000.0
+
+
 def daemon_responding(state: ViewerState) -> bool:
-    """Whether a heartbeat came within the last ``SILENT_INTERVALS`` heartbeat intervals."""
-    return state.last_heard is not None and silence_s(state) <= SILENT_INTERVALS * state.heartbeat_s
+    """Whether the daemon's heartbeat came recently enough (:func:`silent_after_s`)."""
+    return state.last_heard is not None and silence_s(state) <= silent_after_s(state)
 
 
 def fov_display_rect(state: ViewerState, size: Size) -> Rect | None:
