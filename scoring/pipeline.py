@@ -49,8 +49,6 @@ from her2scope.scoring.stains import ChannelOrder
 _REGION_PIXEL_SIZE_UM = 2.0
 #: D_weak and D_intense (dilations by a cell radius) are evaluated at about this pixel size.
 _DILATION_PIXEL_SIZE_UM = 1.0
-#: Every field of a per-cell Cell is set (given to model_construct, which then skips working it out per cell).
-_CELL_FIELDS = frozenset(Cell.model_fields)
 #: Per-cell method: the counted cells' rings closed by this radius are the region they were counted in (their nests).
 _REGION_JOIN_UM = 2.0
 #: Haematoxylin + DAB OD (smoothed over 1 µm) at most this on glass, at least this in tissue (a lumen is glass).
@@ -389,23 +387,21 @@ def _per_cell(
     intense_completeness = np.round(rings.intense_completeness, 4).tolist()
     ring_od = np.round(rings.ring_od, 4).tolist()
     nucleus_area = np.round(nuclei.area_um2[index], 1).tolist()
-    # model_construct: these values are made here and valid by construction; validating ~1000 cells per FOV
-    # would cost more than measuring them
-    cells = tuple(
-        Cell.model_construct(
-            set(_CELL_FIELDS),
-            row=float(fov_centres[k, 0]),
-            col=float(fov_centres[k, 1]),
-            her2_class=classes[k],
-            pattern=rings.pattern[k],
-            completeness=completeness[k],
-            intense_completeness=intense_completeness[k],
-            membrane_od=ring_od[k],
-            nucleus_area_um2=nucleus_area[k],
-            ring_radii_um=tuple(radii_um[k]),
-            ring_levels=levels[k],
-        )
-        for k in range(len(index))
+    # the values are made here and valid by construction: validating ~1000 cells per FOV would cost more than
+    # measuring them
+    cells = Cell.from_columns(
+        {
+            "row": fov_centres[:, 0].tolist(),
+            "col": fov_centres[:, 1].tolist(),
+            "her2_class": classes,
+            "pattern": rings.pattern.tolist(),
+            "completeness": completeness,
+            "intense_completeness": intense_completeness,
+            "membrane_od": ring_od,
+            "nucleus_area_um2": nucleus_area,
+            "ring_radii_um": [tuple(radii) for radii in radii_um],
+            "ring_levels": levels,
+        }
     )
     region = _cells_region(centres[index], rings.radii_px, shape, px)
     found = _FoundCells(cells, region, nuclei.excluded_rc, _no_membranes(shape), _no_membranes(shape))

@@ -11,6 +11,7 @@ tissue that it fixes (issue 7), each pinned on the published method too, so the 
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import numpy as np
 import pytest
@@ -431,3 +432,28 @@ def test_territory_limits_are_where_a_ray_leaves_its_cell(margin_px: float) -> N
     # to a hundredth of a pixel (the rays are sampled a pixel apart)
     assert np.all(excess(ends - 0.01)[finite] <= margin_px)
     assert np.all(excess(ends + 0.01)[finite] > margin_px)
+
+
+def test_cells_from_columns_are_the_cells_model_construct_makes() -> None:
+    """The fast constructor of the per-cell results sets up instances as pydantic's model_construct does (a pydantic
+    upgrade that changes that fails here), and refuses a missing field."""
+    from her2scope.scoring.results import Cell
+
+    values: dict[str, Any] = {
+        "row": 10.5,
+        "col": 20.25,
+        "her2_class": Her2Score.TWO_PLUS,
+        "pattern": MembranePattern.BASOLATERAL,
+        "completeness": 0.75,
+        "intense_completeness": 0.25,
+        "membrane_od": 0.31,
+        "nucleus_area_um2": 42.0,
+        "ring_radii_um": (5.0,) * N_RAYS,
+        "ring_levels": "1" * 18 + "0" * 6,
+    }
+    (fast,) = Cell.from_columns({name: [value] for name, value in values.items()})
+    slow = Cell.model_construct(set(values), **values)
+    assert fast == slow and fast.model_dump_json() == slow.model_dump_json()
+    assert fast.model_fields_set == slow.model_fields_set and Cell.model_validate_json(fast.model_dump_json()) == fast
+    with pytest.raises(ValueError, match="a column for each"):
+        Cell.from_columns({name: [value] for name, value in values.items() if name != "pattern"})
