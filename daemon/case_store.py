@@ -401,7 +401,7 @@ class CaseStore:
     ) -> FovRecord:
         """Store a FOV's outcome; a control's calibration becomes the case's."""
         record = self.record(fov_id).model_copy(
-            update={"status": "scored" if error is None else "failed", "result": result, "error": error}
+            update={"status": "scored" if error is None else "failed", "result": _lean(result), "error": error}
         )
         if result is not None:  # on disk before case.json says the FOV is scored
             atomic_write(self.case_dir / _result_file(fov_id), result.model_dump_json().encode())
@@ -410,6 +410,22 @@ class CaseStore:
             update = {"control": calibration, "control_fov_id": fov_id}
         self._commit(self._replaced(record, **update))
         return record
+
+    def full_result(self, fov_id: str) -> FovResult:
+        """A scored FOV's whole result, its cells included, from its file (the store keeps the rest in memory).
+
+        Raises
+        ------
+        CaseError
+            The FOV is not scored, or its result file cannot be read.
+        """
+        record = self.record(fov_id)
+        if record.result is None:
+            raise CaseError(f"{fov_id} has no result")
+        try:
+            return FovResult.model_validate_json((self.case_dir / _result_file(fov_id)).read_bytes())
+        except (OSError, ValueError) as error:
+            raise CaseError(f"the result of {fov_id} cannot be read ({type(error).__name__}): rescore it") from None
 
     def set_excluded(self, fov_id: str, excluded: bool) -> FovRecord:
         """Exclude a FOV from (or include it again in) the case score."""
@@ -503,6 +519,12 @@ class CaseStore:
         self._case = case
 
 
+def _lean(result: FovResult | None) -> FovResult | None:
+    """A result as the store keeps it in memory: without its cells (most of a 20x FOV's megabytes), which stay in
+    its file; the counts, calls and clusters are all the case score and the summary read."""
+    return result.model_copy(update={"cells": ()}) if result is not None else None
+
+
 def _result_file(fov_id: str) -> str:
     return f"{fov_id}.result.json"
 
@@ -537,7 +559,7 @@ def _with_results(case: CaseState, folder: Path) -> tuple[CaseState, list[tuple[
         elif record.status == "scored" and record.result is None:
             try:
                 result = FovResult.model_validate_json((folder / _result_file(record.fov_id)).read_bytes())
-                record = record.model_copy(update={"result": result})
+                record = record.model_copy(update={"result": _lean(result)})
             except (OSError, ValueError) as error:
                 problem = f"its result cannot be read ({type(error).__name__}): rescore it"
         if problem is not None:

@@ -820,11 +820,17 @@ class Daemon:
         return closed
 
     def _republish(self, record: FovRecord) -> None:
+        result = record.result
+        if result is not None:
+            try:
+                result = self.store.full_result(record.fov_id)
+            except CaseError as error:  # its file is gone: the counts the store kept are still right
+                log.warning("result_file_unreadable", fov=record.fov_id, error=str(error))
         body = ResultBody(
             fov_id=record.fov_id,
             kind=record.kind,
             status=record.status,
-            result=record.result.model_dump(mode="json") if record.result else None,
+            result=result.model_dump(mode="json") if result else None,
             error=record.error,
             case=self.store.summary(),
         )

@@ -41,6 +41,11 @@ def _result(name: str) -> FovResult:
     return score_fov(_sample(name), 0.25, PARAMS, control=_calibration(), rule=RULE, channel_order="BGR")
 
 
+def _kept(name: str) -> FovResult:
+    """The result as the store keeps it in memory: without its cells, which stay in its file."""
+    return _result(name).model_copy(update={"cells": ()})
+
+
 def _image(seed: int, shape: tuple[int, int, int] = (90, 120, 3)) -> npt.NDArray[np.uint8]:
     """Noise: the hardest image for a lossy format, so a lossy write would show."""
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
@@ -93,7 +98,7 @@ def test_a_new_store_resumes_the_same_case(store: CaseStore, tmp_path: Path) -> 
     assert [r.status for r in resumed.fovs] == ["scored", "scored", "pending"]
     assert resumed.control == _calibration()
     assert resumed.control_fov_id == "control-001"
-    assert resumed.fovs[1].result == _result("her2_2plus.jpg")
+    assert resumed.fovs[1].result == _kept("her2_2plus.jpg")
     assert resumed.fovs[1].excluded is True
     assert resumed.fovs[2].roi == ((1.0, 2.0), (3.0, 4.5), (10.0, 2.0))
     assert resumed.fovs[2].error == "ValueError: too small"  # kept until it is re-scored
@@ -126,7 +131,10 @@ def test_a_case_saved_with_results_inline_resumes(tmp_path: Path) -> None:
     record = store.add_capture("fov", _image(1), "pedal", 0.25)
     store.set_result(record.fov_id, _result("her2_2plus.jpg"), None)
     assert store.case is not None
-    (store.case_dir / "case.json").write_text(store.case.model_dump_json(indent=1), encoding="utf-8")
+    inline = store.case.model_copy(
+        update={"fovs": tuple(r.model_copy(update={"result": _result("her2_2plus.jpg")}) for r in store.case.fovs)}
+    )
+    (store.case_dir / "case.json").write_text(inline.model_dump_json(indent=1), encoding="utf-8")
     (store.case_dir / "fov-001.result.json").unlink()
     resumed = CaseStore(tmp_path).resume()
     assert resumed is not None and resumed.fovs[0].result == _result("her2_2plus.jpg")
@@ -312,7 +320,7 @@ def test_set_roi_marks_pending_and_logs_an_adjustment(store: CaseStore, tmp_path
     record = store.set_roi(fov.fov_id, polygon)
     assert record.status == "pending"
     assert record.roi == polygon
-    assert record.result == _result("her2_2plus.jpg")  # the old result stays until the re-score
+    assert record.result == _kept("her2_2plus.jpg")  # the old result stays until the re-score
     assert store.case is not None
     adjustment = store.case.adjustments[-1]
     assert adjustment.action == "set-roi"
