@@ -29,7 +29,8 @@ def test_results_in_memory_hold_no_cells_and_their_files_hold_all(tmp_path: Path
     kept = store.record(record.fov_id).result
     assert kept is not None and kept.cells == () and kept.counts == result.counts and kept.call == result.call
     assert store.full_result(record.fov_id) == result  # the cells come back from the file, every one
-    assert store.summary().case is not None and store.summary().case.counts == result.counts
+    summary = store.summary()
+    assert summary.case is not None and summary.case.counts == result.counts
 
     assert store.flush_images()
     resumed = CaseStore(tmp_path)
