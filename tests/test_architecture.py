@@ -149,6 +149,7 @@ def test_only_the_protocol_module_writes_request_frames() -> None:
 
 
 @pytest.mark.parametrize("code", ["import her2scope.scoring, her2scope.daemon, her2scope.clients.cli"])
+@pytest.mark.e2e
 def test_one_import_root(tmp_path: Path, code: str) -> None:
     """Installed, the package is her2scope and nothing else: no top-level daemon, config, scoring or clients (run
     outside the source tree, where the folders themselves are not on the path)."""

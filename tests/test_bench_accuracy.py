@@ -55,6 +55,7 @@ def core() -> np.ndarray:
     return image
 
 
+@pytest.mark.e2e
 def test_tissue_mask_separates_the_disk_from_glass(core: np.ndarray) -> None:
     mask = bench.tissue_mask(core)
     d = bench.MASK_DOWNSCALE

@@ -303,6 +303,7 @@ def test_random_cases_consistent_fields() -> None:
 
 
 @pytest.mark.parametrize("added", [1, 5, 50])
+@pytest.mark.e2e
 def test_adding_3plus_cells_never_lowers_the_score(added: int) -> None:
     lowered = []
     for c, rule in RANDOM_CASES:

@@ -182,6 +182,7 @@ def test_1_moderate_rings_with_small_gaps_stay_complete() -> None:
 
 
 @pytest.mark.parametrize("intense", [False, True])
+@pytest.mark.e2e
 def test_2_lateral_and_basolateral_staining_counts_under_the_gastric_guideline(intense: bool) -> None:
     # glands of columnar cells stained only on their lateral / basal sides (the gastric truth: 2+ or 3+)
     target = "3+" if intense else "2+"
@@ -228,6 +229,7 @@ def test_3_pale_nuclei_are_found() -> None:
 
 
 @pytest.mark.parametrize("tissue", ["stroma", "muscle", "glass"])
+@pytest.mark.e2e
 def test_4_fields_without_tumour_are_not_assessable(tissue: str) -> None:
     fov = render_hard_fov((1080, 1920), PIXEL_SIZE_40X, seed=5, tissue=tissue)
     assert not fov.cells
@@ -244,6 +246,7 @@ def test_4_fields_without_tumour_are_not_assessable(tissue: str) -> None:
 
 
 @pytest.mark.parametrize("batch_strength", [0.6, 1.0, 1.5])
+@pytest.mark.e2e
 def test_5_the_control_scored_by_its_own_level_is_3plus(batch_strength: float) -> None:
     image = render_hard_control((1080, 1920), PIXEL_SIZE_40X, batch_strength=batch_strength, seed=7).rgb
     control = calibrate_from_control(image, PIXEL_SIZE_40X, PER_CELL)
@@ -260,6 +263,7 @@ def class_shares(result: FovResult) -> np.ndarray:
     return np.array([result.counts[k] / total for k in CLASSES])
 
 
+@pytest.mark.e2e
 def test_the_control_brings_every_class_closer_to_the_truth() -> None:
     """Over staining batches 0.6-1.5, calibrating with a control of the same batch gives more of each true class's
     cells their true class than the default levels do (never fewer), and brings the class shares closer overall.

@@ -232,6 +232,7 @@ def test_table_output() -> None:
         json.loads(result.stdout)
 
 
+@pytest.mark.e2e
 def test_subprocess_console_script(tmp_path: Path) -> None:
     script = shutil.which("her2scope", path=str(Path(sys.executable).parent))
     command = [script] if script else [sys.executable, "-m", "her2scope"]
@@ -249,6 +250,7 @@ def test_subprocess_console_script(tmp_path: Path) -> None:
     assert report["case"]["score"] == "3+"
 
 
+@pytest.mark.e2e
 def test_subprocess_module_error_exit_code(tmp_path: Path) -> None:
     missing = tmp_path / "absent.png"
     completed = subprocess.run(
@@ -407,6 +409,7 @@ def test_16bit_fov_scores_like_8bit(tmp_path: Path) -> None:
         assert sixteen["percentages"][key] == pytest.approx(eight["percentages"][key], abs=1.0)
 
 
+@pytest.mark.e2e
 def test_16bit_control_calibrates_and_draws_like_8bit(tmp_path: Path) -> None:
     deep = to_16bit(CONTROL, tmp_path / "control_16.png")
     eight_dir, sixteen_dir = tmp_path / "eight", tmp_path / "sixteen"

@@ -13,6 +13,8 @@ import pytest
 from her2scope.daemon.protocol import Topic
 from tests.helpers.daemon import CONFIG, Daemon, next_message, wait_for
 
+pytestmark = pytest.mark.e2e  # a real daemon process, and ctl as a subprocess
+
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:

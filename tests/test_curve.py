@@ -20,6 +20,8 @@ from her2scope.daemon.protocol import Topic
 from tests.helpers.daemon import CONFIG, running_daemon, wait_for
 from tests.helpers.processes import die_with_parent
 
+pytestmark = pytest.mark.e2e  # the daemon, ctl, the recorder and the keys command as processes
+
 ROOT = Path(__file__).resolve().parent.parent
 CURVE_CONFIG = CONFIG.replace("heartbeat_ms = 300\n", "heartbeat_ms = 300\nrequire_curve = true\n")
 

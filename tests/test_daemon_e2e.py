@@ -21,6 +21,8 @@ from her2scope.clients.control import ControlClient, ControlError
 from her2scope.daemon.protocol import Topic
 from tests.helpers.daemon import CONFIG, Daemon, arrive, next_message, running_daemon, wait_for
 
+pytestmark = pytest.mark.e2e  # a real daemon process
+
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:

@@ -13,6 +13,8 @@ from her2scope.clients.control import ControlError
 from her2scope.daemon.protocol import Topic
 from tests.helpers.daemon import Daemon, next_message, running_daemon, wait_for
 
+pytestmark = pytest.mark.e2e  # a real daemon process
+
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:

@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers.processes import die_with_parent
 
+pytestmark = pytest.mark.e2e  # the demo's processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -23,6 +23,8 @@ import zmq
 from her2scope.daemon.protocol import Command, ProtocolError, Reply, Request, parse_request, request_id
 from tests.helpers.daemon import CONFIG, Daemon, running_daemon, wait_for
 
+pytestmark = pytest.mark.e2e  # most start the daemon or the command line as processes (three in-process checks too)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -15,6 +15,8 @@ from her2scope.clients.cli import app
 from tests.helpers.daemon import wait_for
 from tests.helpers.recorder import Setup, capture, has_stop, read_docs, settled, start_daemon_setup, wait_for_docs
 
+pytestmark = pytest.mark.e2e  # a case recorded by a real daemon and recorder
+
 runner = CliRunner()
 
 

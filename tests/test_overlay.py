@@ -119,6 +119,7 @@ def grow(mask: npt.NDArray[np.bool_], px: int = 1) -> npt.NDArray[np.bool_]:
         (PIXEL_SIZE_40X, (301, 457), 2.0),  # odd sizes do not halve exactly
     ],
 )
+@pytest.mark.e2e
 def test_every_layer_is_rgba_in_fov_pixels(pixel_size_um: float, shape: tuple[int, int], scale: float) -> None:
     fov, analysis, overlay = analysed(MIX, pixel_size_um, shape)
     assert analysis.image.scale == pytest.approx((scale, scale), rel=0.01)
@@ -134,6 +135,7 @@ def test_every_layer_is_rgba_in_fov_pixels(pixel_size_um: float, shape: tuple[in
 
 
 @pytest.mark.parametrize("pixel_size_um", [PIXEL_SIZE_40X, PIXEL_SIZE_20X])
+@pytest.mark.e2e
 def test_contour_method_draws_each_cell_as_a_ring_of_its_class_colour(pixel_size_um: float) -> None:
     _, analysis, overlay = analysed(MIX, pixel_size_um, params=CONTOUR_METHOD)
     layer = overlay.layers["cells"]
@@ -171,6 +173,7 @@ def test_each_cell_is_a_dot_of_its_class_colour_on_its_nucleus(pixel_size_um: fl
     ("her2_class", "stained_least", "stained_most"),
     [("3+", 0.8, 1.0), ("2+", 0.8, 1.0), ("1+", 0.15, 0.75), ("0", 0.0, 0.02)],
 )
+@pytest.mark.e2e
 def test_rings_are_coloured_where_the_membrane_is_stained(
     her2_class: str, stained_least: float, stained_most: float
 ) -> None:
@@ -262,6 +265,7 @@ def grey_seeds(points_rc: np.ndarray, shape: tuple[int, ...]) -> npt.NDArray[np.
 # ---------------------------------------------------------------------------------------------- completeness
 
 
+@pytest.mark.e2e
 def test_intense_complete_contours_lie_on_the_true_membranes() -> None:
     fov, _, overlay = analysed((("3+", 1.0),), params=CONTOUR_METHOD)
     layer = overlay.layers["completeness"]
@@ -362,6 +366,7 @@ def test_region_outline_includes_holes() -> None:
 # ----------------------------------------------------------------------------------------------------- panel
 
 
+@pytest.mark.e2e
 def test_panel_lines_state_score_counts_threshold_and_case() -> None:
     _, analysis, _ = analysed(MIX, shape=FULL, seed=8)
     result = analysis.result

@@ -21,6 +21,7 @@ def _positions(result, her2_class=None) -> np.ndarray:  # type: ignore[no-untype
 
 @pytest.mark.parametrize("batch_strength", [0.8, 1.0, 1.4])
 @pytest.mark.parametrize("her2_class", CLASSES)
+@pytest.mark.e2e
 def test_pure_fovs_are_counted_and_classified_across_batches(her2_class: str, batch_strength: float) -> None:
     fov = synthetic_fov(((her2_class, 1.0),), batch_strength)
     control = synthetic_control(batch_strength)
@@ -34,6 +35,7 @@ def test_pure_fovs_are_counted_and_classified_across_batches(her2_class: str, ba
 
 
 @pytest.mark.parametrize("batch_strength", [0.8, 1.0, 1.4])
+@pytest.mark.e2e
 def test_mixed_fov_class_shares_follow_ground_truth(batch_strength: float) -> None:
     mix = (("0", 0.4), ("1+", 0.3), ("2+", 0.2), ("3+", 0.1))
     fov = synthetic_fov(mix, batch_strength, seed=7)
@@ -45,6 +47,7 @@ def test_mixed_fov_class_shares_follow_ground_truth(batch_strength: float) -> No
         assert abs(result.percentages[her2_class] - true_share) < 8.0, (her2_class, result.percentages, truth)
 
 
+@pytest.mark.e2e
 def test_cells_are_reported_where_they_are_with_their_class() -> None:
     mix = (("0", 0.25), ("1+", 0.25), ("2+", 0.25), ("3+", 0.25))
     fov = synthetic_fov(mix, seed=8)
@@ -60,6 +63,7 @@ def test_cells_are_reported_where_they_are_with_their_class() -> None:
     assert agreement >= 0.9
 
 
+@pytest.mark.e2e
 def test_intense_threshold_follows_the_batch() -> None:
     thresholds = {b: synthetic_control(b).intense_threshold_od for b in (0.8, 1.0, 1.4)}
     assert thresholds[0.8] < thresholds[1.0] < thresholds[1.4]
@@ -80,6 +84,7 @@ def test_without_control_the_default_applies_and_the_result_says_so() -> None:
     assert NO_CONTROL_WARNING not in calibrated.warnings
 
 
+@pytest.mark.e2e
 def test_a_strong_batch_without_control_overcalls_and_the_control_corrects_it() -> None:
     # Why calibrate: in a strongly stained batch, 2+ membranes pass a fixed intense threshold.
     fov = synthetic_fov((("2+", 1.0),), 2.0)
@@ -102,6 +107,7 @@ def test_a_blank_control_cannot_calibrate() -> None:
 
 
 @pytest.mark.parametrize("pixel_size_um", [0.25, 0.5])
+@pytest.mark.e2e
 def test_20x_and_40x_fovs_both_work(pixel_size_um: float) -> None:
     fov = synthetic_fov((("2+", 0.5), ("3+", 0.5)), pixel_size_um=pixel_size_um, seed=9)
     result = score_fov(fov.rgb, pixel_size_um, control=synthetic_control(pixel_size_um=pixel_size_um))
@@ -112,6 +118,7 @@ def test_20x_and_40x_fovs_both_work(pixel_size_um: float) -> None:
     assert result.analysis_pixel_size_um == pytest.approx(max(pixel_size_um, 0.5), rel=0.01)
 
 
+@pytest.mark.e2e
 def test_jpeg_noise_and_blur_do_not_change_the_call() -> None:
     clean = synthetic_fov((("1+", 0.6), ("2+", 0.4)), seed=12)
     jpeg = synthetic_fov((("1+", 0.6), ("2+", 0.4)), seed=12, jpeg_quality=70)
@@ -234,6 +241,7 @@ CASES = {
 
 @pytest.mark.parametrize("batch_strength", [0.7, 1.3])
 @pytest.mark.parametrize("expected", list(CASES))
+@pytest.mark.e2e
 def test_case_score_over_several_fovs_across_batches(expected: Her2Score, batch_strength: float) -> None:
     from her2scope.config.scoring import CaseRule
     from her2scope.scoring import score_case
@@ -250,6 +258,7 @@ def test_case_score_over_several_fovs_across_batches(expected: Her2Score, batch_
         assert case.call.zero_subtype is not None
 
 
+@pytest.mark.e2e
 def test_control_calibrated_from_a_chosen_region() -> None:
     from her2scope.synthetic import render_control
 

@@ -80,6 +80,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield running
 
 
+@pytest.mark.e2e
 def test_the_example_client_prints_case_scores_and_captures(doc: str, daemon: Daemon, tmp_path: Path) -> None:
     script = tmp_path / "client.py"
     script.write_text(example_client(doc), encoding="utf-8")

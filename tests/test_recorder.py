@@ -34,6 +34,8 @@ from tests.helpers.recorder import (
     wait_for_docs,
 )
 
+pytestmark = pytest.mark.e2e  # a real daemon and recorder processes
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from her2scope.clients.cli import app
 from tests.helpers.recorder import ROI, Setup, capture, has_stop, read_docs, settled, start_daemon_setup, wait_for_docs
 
+pytestmark = pytest.mark.e2e  # a case recorded by a real daemon and recorder
+
 runner = CliRunner()
 
 

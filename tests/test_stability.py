@@ -96,6 +96,7 @@ def first(updates: list[StabilityUpdate], state: StabilityState) -> int:
 # ------------------------------------------------------------------------------------------------ the cycle
 
 
+@pytest.mark.e2e
 def test_pan_settle_stable_capture_once() -> None:
     scope = make()
     panning = scope.pan(0, 12, 15)  # 6 µm per frame
@@ -114,6 +115,7 @@ def test_pan_settle_stable_capture_once() -> None:
     assert captures(held) == 1
 
 
+@pytest.mark.e2e
 def test_subthreshold_jitter_and_noise_stay_still() -> None:
     scope = make()
     scope.pan(3, 12, 10)
@@ -124,6 +126,7 @@ def test_subthreshold_jitter_and_noise_stay_still() -> None:
     assert max(u.motion_um for u in held) < 2.0
 
 
+@pytest.mark.e2e
 def test_defocused_field_waits_for_focus() -> None:
     scope = make()
     scope.pan(0, 12, 15)
@@ -136,6 +139,7 @@ def test_defocused_field_waits_for_focus() -> None:
     assert captures(refocused) == 1
 
 
+@pytest.mark.e2e
 def test_moving_again_gives_a_new_capture() -> None:
     scope = make()
     scope.pan(0, 12, 10)
@@ -218,6 +222,7 @@ def test_frozen_noise_frame_is_not_a_stable_field() -> None:
     assert captures(updates) == 0
 
 
+@pytest.mark.e2e
 def test_a_corrupt_frame_does_not_duplicate_the_capture() -> None:
     scope = make()
     scope.pan(0, 12, 10)
@@ -295,6 +300,7 @@ def frames_1080p(count: int) -> Iterator[Frame]:
         yield Frame(np.ascontiguousarray(big[:, col : col + 1920]), index, index * FRAME_MS)
 
 
+@pytest.mark.e2e
 def test_update_cost_on_1080p_frames() -> None:
     detector = StabilityDetector(CaptureConfig(), 0.25)
     frames = list(frames_1080p(120))

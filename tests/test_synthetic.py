@@ -179,6 +179,7 @@ def test_cells_do_not_overlap(mixed_40x: SyntheticFov) -> None:
     assert np.all(distance > (minor[:, None] + minor[None, :]) / 2.0)
 
 
+@pytest.mark.e2e
 def test_sizes_in_micrometres() -> None:
     for px in (0.25, 0.5):
         shape = (540, 960) if px == 0.5 else (720, 1280)
@@ -242,6 +243,7 @@ def test_membrane_od_ground_truth(mixed_40x: SyntheticFov) -> None:
         assert cell.membrane_coverage == 1.0
 
 
+@pytest.mark.e2e
 def test_batch_strength_scales_membrane_dab() -> None:
     measured = {}
     geometry = {}
@@ -343,6 +345,7 @@ def test_control_and_blank() -> None:
     assert np.all(blank_fov((64, 64), level=10) == 10)
 
 
+@pytest.mark.e2e
 def test_virtual_slide_at_20x() -> None:
     fov = render_fov((2000, 2600), 0.5, ALL_CLASSES, seed=23)
     assert fov.rgb.shape == (2000, 2600, 3)

@@ -194,6 +194,7 @@ def test_hard_fields_are_deterministic() -> None:
 
 
 @pytest.mark.parametrize("guideline", ["breast", "gastric"])
+@pytest.mark.e2e
 def test_counts_follow_the_fractions_under_their_guideline(hard: SyntheticFov, guideline: str) -> None:
     # Gastric: mostly glands, so that some 3+ cells are glandular (basolateral/lateral intense, breast 2+).
     fov = (
@@ -214,6 +215,7 @@ def test_counts_follow_the_fractions_under_their_guideline(hard: SyntheticFov, g
     assert gastric["3+"] - breast["3+"] == breast["2+"] - gastric["2+"] == moved
 
 
+@pytest.mark.e2e
 def test_gland_cells_are_columnar_around_a_lumen(hard: SyntheticFov, hard_dab: NDArray[np.float64]) -> None:
     gland_cells = [c for c in hard.cells if c.gland_id >= 0]
     assert len(gland_cells) > 60

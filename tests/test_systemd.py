@@ -120,6 +120,7 @@ def _drain(sock: socket.socket, seen: list[str]) -> None:
             return
 
 
+@pytest.mark.e2e
 def test_the_daemon_notifies_ready_watchdog_and_stopping(
     tmp_path: Path, abstract_listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -515,6 +515,7 @@ def driven(daemon: Daemon) -> Iterator[Driven]:
         yield running
 
 
+@pytest.mark.e2e
 def test_a_capture_brings_the_fov_and_its_overlay_into_the_viewer(driven: Driven, daemon: Daemon) -> None:
     arrive(daemon, "field 0")
     fov_id = driven.capture()
@@ -532,6 +533,7 @@ def test_a_capture_brings_the_fov_and_its_overlay_into_the_viewer(driven: Driven
     assert frame.std() > 10
 
 
+@pytest.mark.e2e
 def test_an_roi_drawn_in_the_viewer_is_sent_and_the_fov_rescored(driven: Driven, daemon: Daemon) -> None:
     fov_id = driven.capture(ord("c"))
     before = driven.state.fovs[fov_id].overlay_seq
@@ -556,6 +558,7 @@ def test_an_roi_drawn_in_the_viewer_is_sent_and_the_fov_rescored(driven: Driven,
     assert adjustments[-1].action == "set-roi" and adjustments[-1].args["fov_id"] == fov_id
 
 
+@pytest.mark.e2e
 def test_the_viewer_follows_a_control_capture(driven: Driven, daemon: Daemon) -> None:
     daemon.control.call("stage", action="goto-control")
     arrive(daemon, "control")
@@ -575,6 +578,7 @@ def test_the_viewer_follows_a_control_capture(driven: Driven, daemon: Daemon) ->
 VIEW_COMMAND = (sys.executable, "-m", "her2scope", "view")
 
 
+@pytest.mark.e2e
 def test_the_headless_command_writes_frames(daemon: Daemon, tmp_path: Path) -> None:
     config = daemon.state.parent / "config.toml"
     out = tmp_path / "frames"
@@ -701,6 +705,7 @@ def overlay_shown(framebuffer: Path) -> list[np.ndarray]:
     return [screen] if rings > 200 else []
 
 
+@pytest.mark.e2e
 def test_the_real_window_shows_the_viewer_under_xvfb(
     daemon: Daemon, xvfb: tuple[str, Path], tmp_path: Path, driven: Driven
 ) -> None:
@@ -751,6 +756,7 @@ def drawn(screen: np.ndarray, area: viewer.Rect) -> int:
     shutil.which("xdotool") is None,
     reason="xdotool is not installed (Debian package 'xdotool'): real key presses and clicks cannot be sent",
 )
+@pytest.mark.e2e
 def test_keys_and_clicks_in_the_real_window_reach_the_daemon(
     daemon: Daemon, xvfb: tuple[str, Path], tmp_path: Path
 ) -> None:
@@ -812,6 +818,7 @@ def test_keys_and_clicks_in_the_real_window_reach_the_daemon(
         assert process.wait(timeout=DEADLINE_S) == 0, log.read_text(errors="replace")
 
 
+@pytest.mark.e2e
 def test_the_viewer_reconnects_to_a_restarted_daemon(daemon: Daemon, tmp_path: Path) -> None:
     found = viewer.resolve_endpoints(daemon.state.parent / "config.toml", daemon.state)
     endpoints, endpoints_dir, heartbeat_s = found

@@ -24,6 +24,8 @@ from her2scope.daemon.worker import JobOverlay, JobResult, Outcome, ScoreJob, Sc
 from her2scope.scoring import ControlCalibration, analyse_fov, calibrate_from_control, score_fov
 from her2scope.scoring.overlay import LAYER_NAMES, render_overlay
 
+pytestmark = pytest.mark.e2e  # spawned scoring worker processes
+
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 PIXEL_SIZE_UM = 0.25
 PARAMS = ScoringParams()
