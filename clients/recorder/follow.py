@@ -22,6 +22,7 @@ import structlog
 import zmq
 
 from her2scope.clients.control import ControlClient, ControlError, Subscriber
+from her2scope.clients.follower import FollowPosition, Verdict
 from her2scope.clients.recorder.documents import compose_start, fov_data
 from her2scope.clients.recorder.folder import REPORT_FILE, STATE_FILE, CaseFolder, _private_dir
 from her2scope.clients.report import write_report
@@ -89,15 +90,23 @@ class Recorder:
         self._control: ControlClient | None = None
         self._control_endpoint = ""
         self.state = LoopState.DISCONNECTED
-        self.session: str | None = None
-        self.last_seq = 0
-        self._topic_seq: dict[str, int] = {}
+        self.follow = FollowPosition()  # where the recorder stands in the daemon's messages
         self._last_heard = time.monotonic()
         self._last_attempt = -1e9
         self._last_retry = time.monotonic()
         self._daemon_case: str | None = None
         self.folders: dict[str, CaseFolder] = {}
         self._dirty: set[str] = set()
+
+    @property
+    def session(self) -> str | None:
+        """The daemon run the recorder follows."""
+        return self.follow.session
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last message processed."""
+        return self.follow.last_seq
 
     # life cycle
 
@@ -191,9 +200,7 @@ class Recorder:
         snapshot = self._control.call("snapshot")
         session = str(snapshot["session"])
         if session != self.session:
-            self.session = session
-            self._topic_seq = {}
-            self.last_seq = self._persisted_seq(session)
+            self.follow = FollowPosition(session=session, last_seq=self._persisted_seq(session))
         since = self.last_seq
         messages, complete, last_seq = self._replay(since)
         # The replay ends after the snapshot: when a case was started or closed in between, the snapshot's case is
@@ -211,7 +218,7 @@ class Recorder:
         self._daemon_case = snapshot_case.case_id
         for message in messages:
             self._apply(message, "replay")
-        self.last_seq = max(self.last_seq, last_seq)
+        self.follow = self.follow.caught_up(last_seq=max(self.last_seq, last_seq))
         self._reconcile(snapshot_case)
         if self._daemon_case in self.folders:
             self.folders[self._daemon_case].save_state(
@@ -246,22 +253,19 @@ class Recorder:
             self._daemon_case = body.case_id
         elif isinstance(body, CaseBody):
             self._daemon_case = None if body.event == "closed" else body.case.case_id
-        if header.session != self.session:
-            log.info("daemon_restarted", session=header.session)
-            self.state = LoopState.SYNCING
-            return
-        topic = header.topic.value
-        known = self._topic_seq.get(topic)
-        if header.seq > self.last_seq and known is not None and header.topic_seq > known + 1:
-            log.warning("gap_detected", topic=topic, expected=known + 1, got=header.topic_seq)
+        verdict = self.follow.place(header)
+        if verdict in (Verdict.RESTARTED, Verdict.GAP):
+            log.warning(
+                "daemon_restarted" if verdict == Verdict.RESTARTED else "gap_detected", topic=header.topic.value
+            )
             self.state = LoopState.SYNCING
             return
         self._apply(message, "live")
 
     def _apply(self, message: Message, source: Literal["live", "replay"]) -> None:
+        """Process a message once (a replay may hold a gap the buffer dropped: what is there is applied, in order)."""
         header = message.header
-        self._topic_seq[header.topic.value] = max(self._topic_seq.get(header.topic.value, 0), header.topic_seq)
-        if header.seq <= self.last_seq:
+        if self.follow.place(header) == Verdict.SEEN:
             return  # already processed (or part of the snapshot)
         body = message.body
         if isinstance(body, CaseBody):
@@ -270,7 +274,7 @@ class Recorder:
             self._on_result(body, header.case_id, header.session, header.seq, header.time_ms / 1000.0, source)
         elif isinstance(body, OverlayBody) and header.case_id:
             self._on_overlay(body, message, header.case_id)
-        self.last_seq = header.seq
+        self.follow = self.follow.after(header)
         if header.case_id and header.topic != Topic.STATUS and header.case_id in self.folders:
             self.folders[header.case_id].save_state(session=header.session, last_seq=header.seq, case_id=header.case_id)
 

@@ -228,7 +228,7 @@ class DaemonLink:
             except ControlError:
                 replay = None
             if replay is not None and replay.complete and not replay.invalid:
-                state = dataclasses.replace(state, resync=None, topic_seqs={})
+                state = dataclasses.replace(state, resync=None, follow=state.follow.caught_up())
                 for message in replay.messages:
                     state = apply(state, message)
                 return state

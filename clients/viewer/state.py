@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from her2scope.clients.follower import FollowPosition, Verdict
 from her2scope.clients.viewer.geometry import DEFAULT_SIZE, Rect, Size, Vertex, display_to_fov, fit, image_area, layout
 from her2scope.daemon.protocol import (
     NO_CASE,
@@ -83,9 +84,7 @@ class ViewerState:
     now: float = 0.0
     started_at: float = 0.0
     heartbeat_s: float = 1.0
-    session: str | None = None
-    last_seq: int = 0
-    topic_seqs: Mapping[str, int] = field(default_factory=dict)
+    follow: FollowPosition = field(default_factory=FollowPosition)
     resync: Literal["snapshot", "replay"] | None = "snapshot"
     last_heard: float | None = None
     status: Mapping[str, Any] | None = None
@@ -110,6 +109,16 @@ class ViewerState:
     malformed: int = 0
     last_malformed: str = ""
     next_rule: tuple[str, str] | None = None  # (guideline, specimen) for key n; None: the daemon's configured one
+
+    @property
+    def session(self) -> str | None:
+        """The daemon run the viewer follows (None before it heard of one)."""
+        return self.follow.session
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last message applied."""
+        return self.follow.last_seq
 
 
 def initial_state(now: float, heartbeat_s: float = 1.0) -> ViewerState:
@@ -225,23 +234,22 @@ def _malformed(state: ViewerState, reason: str) -> ViewerState:
 
 def _apply_message(state: ViewerState, message: Message) -> ViewerState:
     header = message.header
-    if header.session and header.session != state.session and state.session is not None:
-        # the daemon restarted: its sequence numbers start again; a snapshot replaces what we knew
-        state = dataclasses.replace(state, session=header.session, last_seq=0, topic_seqs={}, resync="snapshot")
-    elif state.session is None and header.session:
-        state = dataclasses.replace(state, session=header.session)
     topic = header.topic
-    if topic == Topic.PREVIEW:
+    verdict = state.follow.place(header)
+    if verdict == Verdict.RESTARTED:
+        # the daemon restarted: its sequence numbers start again; a snapshot replaces what we knew
+        state = dataclasses.replace(state, follow=FollowPosition(session=header.session), resync="snapshot")
+        verdict = state.follow.place(header)
+    if topic == Topic.PREVIEW:  # never replayed, so no part of the order: they only say which daemon run it is
+        if state.follow.session is None and header.session:
+            state = dataclasses.replace(state, follow=FollowPosition(session=header.session))
         return _apply_preview(state, message)
-    if header.seq <= state.last_seq:
+    if verdict == Verdict.SEEN:
         # already part of the snapshot; overlays are not in snapshots, so an older one is still welcome
         return _apply_overlay(state, message) if topic == Topic.OVERLAY else state
-    known = state.topic_seqs.get(topic.value)
-    if known is not None and header.topic_seq > known + 1 and state.resync is None:
-        return dataclasses.replace(state, resync="replay")  # not applied: the replay brings it, in order
-    state = dataclasses.replace(
-        state, last_seq=header.seq, topic_seqs={**state.topic_seqs, topic.value: header.topic_seq}
-    )
+    if verdict == Verdict.GAP:
+        return dataclasses.replace(state, resync="replay") if state.resync is None else state  # the replay brings it
+    state = dataclasses.replace(state, follow=state.follow.after(header))
     match topic:
         case Topic.STATUS:
             return dataclasses.replace(
@@ -297,9 +305,7 @@ def _apply_snapshot(state: ViewerState, data: Mapping[str, Any]) -> ViewerState:
     state = _with_case(state, CaseSummary.model_validate(data["case"]))
     return dataclasses.replace(
         state,
-        session=str(data["session"]),
-        last_seq=int(data["last_seq"]),
-        topic_seqs={},
+        follow=state.follow.caught_up(str(data["session"]), int(data["last_seq"])),
         resync=None,
         status=dict(data["status"]),
         status_seq=int(data["last_seq"]),
