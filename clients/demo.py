@@ -204,7 +204,7 @@ def _result_for(results: Subscriber, fov_id: str) -> dict[str, Any] | None:
     message = results.receive(timeout_ms=100)
     if message is None:
         return None
-    body = message.body.model_dump()
+    body = message.body.model_dump(mode="json")
     if body["fov_id"] == fov_id and body["status"] in ("scored", "failed"):
         return body
     return None

@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from her2scope.config.scoring import Guideline, Specimen
-from her2scope.scoring.results import CaseResult, ClassCounts, ControlCalibration, Her2Score, ScoreCall
+from her2scope.scoring.results import CaseResult, ClassCounts, ControlCalibration, FovResult, Her2Score, ScoreCall
 
 PROTOCOL_VERSION = 1
 
@@ -198,8 +198,8 @@ class ResultBody(_Model):
     status: Literal["scored", "failed", "pending"] = Field(
         description="pending: captured or changed (ROI, threshold) and waiting to be (re-)scored"
     )
-    result: dict[str, Any] | None = Field(None, description="FovResult as JSON; null unless scored")
-    calibration: dict[str, Any] | None = Field(None, description="ControlCalibration as JSON, for a control")
+    result: FovResult | None = Field(None, description="The FOV's result, its cells included; null unless scored")
+    calibration: ControlCalibration | None = Field(None, description="For a control: the calibration it gave")
     error: str | None = None
     case: CaseSummary = Field(description="The case summary after this FOV")
     score_ms: float | None = Field(None, description="Time the worker took")

@@ -58,7 +58,7 @@ def test_a_field_where_the_stage_stops_is_captured_once_and_scored(daemon: Daemo
             "its result",
         )
         assert result.body.status == "scored"  # type: ignore[attr-defined]
-        counts = result.body.result["counts"]  # type: ignore[attr-defined]
+        counts = result.body.result.model_dump(mode="json")["counts"]  # type: ignore[attr-defined]
         assert sum(counts.values()) > 50
         assert result.body.case.case.n_fovs >= 1  # type: ignore[attr-defined]
         # the stage rests on this field: no second auto capture of it
@@ -85,7 +85,7 @@ def test_capture_over_the_control_endpoint_and_control_calibration(daemon: Daemo
             "the control's result",
         )
         calibration = control.body.calibration  # type: ignore[attr-defined]
-        assert calibration is not None and calibration["qc_passed"]
+        assert calibration is not None and calibration.qc_passed
         daemon.control.call("stage", action="goto-field", field=2)
         arrive(daemon, "field 2")
         fov = daemon.control.call("capture")
@@ -94,8 +94,8 @@ def test_capture_over_the_control_endpoint_and_control_calibration(daemon: Daemo
             lambda m: m.body.fov_id == fov["fov_id"] and m.body.status == "scored",  # type: ignore[attr-defined]
             "the next FOV's result",
         )
-    assert result.body.result["intense_threshold_source"] == "positive control"  # type: ignore[attr-defined]
-    assert result.body.result["intense_threshold_od"] == pytest.approx(calibration["intense_threshold_od"])  # type: ignore[attr-defined]
+    assert result.body.result.intense_threshold_source == "positive control"  # type: ignore[attr-defined]
+    assert result.body.result.intense_threshold_od == pytest.approx(calibration.intense_threshold_od)  # type: ignore[attr-defined]
     assert result.body.case.control.fov_id == reply["fov_id"]  # type: ignore[attr-defined]
     daemon.control.call("auto-capture", enabled=True)
 
@@ -171,7 +171,7 @@ def test_exclude_and_rescore_update_the_case(daemon: Daemon) -> None:
             lambda m: m.body.fov_id == fov["fov_id"] and m.body.latency_ms is not None,  # type: ignore[attr-defined]
             "the re-scored FOV",
         )
-    assert rescored.body.result["counts"] == fov["counts"]  # type: ignore[attr-defined]
+    assert rescored.body.result.model_dump(mode="json")["counts"] == fov["counts"]  # type: ignore[attr-defined]
 
 
 def test_the_lossless_image_of_a_fov_can_be_fetched(daemon: Daemon) -> None:

@@ -56,10 +56,10 @@ def test_a_gastric_biopsy_case_is_reported_scored_and_resumed_with_its_guideline
             ),
             "the FOV's result",
         )
-    call = result.body.result["call"]  # type: ignore[attr-defined]
+    call = result.body.result.model_dump(mode="json")["call"]  # type: ignore[attr-defined]
     assert (call["guideline"], call["specimen"]) == ("gastric", "biopsy")
     assert call["reason"].startswith("gastric (biopsy): ")
-    assert set(result.body.result["clusters"]) == {"0", "1+", "2+", "3+"}  # type: ignore[attr-defined]
+    assert set(result.body.result.model_dump(mode="json")["clusters"]) == {"0", "1+", "2+", "3+"}  # type: ignore[attr-defined]
     case = result.body.case.case.model_dump(mode="json")  # type: ignore[attr-defined]
     assert case["guideline"] == "gastric" and case["reason"].startswith("gastric (biopsy): ")
     status = daemon.control.call("status")

@@ -28,6 +28,7 @@ from her2scope.daemon.protocol import (
     silence_limit_ms,
 )
 from her2scope.scoring.overlay import LAYER_NAMES, compose
+from her2scope.scoring.results import FovResult
 
 Image = npt.NDArray[np.uint8]
 Mode = Literal["view", "roi", "weak", "intense"]
@@ -274,20 +275,20 @@ def _apply_message(state: ViewerState, message: Message) -> ViewerState:
     return state
 
 
-def _result_facts(result: Mapping[str, Any]) -> Mapping[str, Any]:
-    """What the viewer prints about a scored FOV (a FovResult without its cell list)."""
-    call = result["call"]
+def _result_facts(result: FovResult) -> Mapping[str, Any]:
+    """What the viewer prints about a scored FOV (its result without the cell list, as JSON values)."""
+    facts = result.model_dump(
+        mode="json",
+        include={"counts", "percentages", "intense_threshold_od", "intense_threshold_source", "weak_threshold_od"},
+    )
+    call = result.call
     return {
-        "score": call["score"],
-        "status": call["status"],
-        "her2_low": call["her2_low"],
-        "reason": call["reason"],
-        "counts": dict(result["counts"]),
-        "percentages": dict(result["percentages"]),
-        "intense_threshold_od": float(result["intense_threshold_od"]),
-        "intense_threshold_source": str(result["intense_threshold_source"]),
-        "weak_threshold_od": float(result["weak_threshold_od"]),
-        "warnings": [str(w) for w in result["warnings"]],
+        **facts,
+        "score": call.score.value if call.score else None,
+        "status": call.status.value,
+        "her2_low": call.her2_low,
+        "reason": call.reason,
+        "warnings": list(result.warnings),
     }
 
 
