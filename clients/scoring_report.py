@@ -13,21 +13,9 @@ from her2scope.config.scoring import CaseRule, Guideline, ScoringParams, Specime
 from her2scope.scoring import analyse_fov, calibrate_from_control, score_case
 from her2scope.scoring.overlay import DEFAULT_LAYERS, render_overlay
 from her2scope.scoring.pipeline import check_pixel_size
-from her2scope.scoring.results import CaseResult, FovResult, ScoreCall
+from her2scope.scoring.results import CaseResult, FovResult
 
 Report = dict[str, Any]
-
-
-def _call_fields(call: ScoreCall) -> dict[str, Any]:
-    return {
-        "score": call.score.value if call.score else None,
-        "status": call.status.value,
-        "her2_low": call.her2_low,
-        "zero_subtype": call.zero_subtype.value if call.zero_subtype else None,
-        "reason": call.reason,
-        "guideline": call.guideline.value,
-        "specimen": call.specimen.value,
-    }
 
 
 def chosen_rule(rule: CaseRule, guideline: str | None, specimen: str | None) -> CaseRule:
@@ -49,7 +37,7 @@ def fov_document(image: Path, result: FovResult, overlay: Path | None) -> dict[s
         "counts": result.counts.model_dump(mode="json"),
         "total": result.counts.total,
         "percentages": result.percentages,
-        **_call_fields(result.call),
+        **result.call.model_dump(mode="json"),
         "n_excluded_nuclei": result.n_excluded_nuclei,
         "weak_threshold_od": result.weak_threshold_od,
         "intense_threshold_od": result.intense_threshold_od,
@@ -65,7 +53,7 @@ def fov_document(image: Path, result: FovResult, overlay: Path | None) -> dict[s
 def case_document(case: CaseResult) -> dict[str, Any]:
     """The JSON document of a case's score."""
     return {
-        **_call_fields(case.call),
+        **case.call.model_dump(mode="json"),
         "counts": case.counts.model_dump(mode="json"),
         "total": case.counts.total,
         "percentages": case.percentages,
