@@ -979,12 +979,15 @@ class Chaos:
 
     def _arm(self, fault: str, delay_ms: int, report: CycleReport) -> threading.Timer:
         def kill() -> None:
+            # waited for: a process just sent SIGKILL may still look alive to the main thread's poll()
             if fault == "daemon":
                 self.daemon.kill()
+                self.daemon.process.wait(timeout=30)
                 report.killed = True
             elif fault == "recorder":
                 if self.bench.recorder is not None:
                     self.bench.recorder.kill()
+                    self.bench.recorder.process.wait(timeout=30)
                     report.killed = True
             else:
                 self._kill_worker(report, busy=fault == "worker-busy")
@@ -1242,6 +1245,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10_000, help="generated control requests")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here too")
     parser.add_argument("--skip", action="append", default=[], choices=["fuzz", "kills", "disk"])
+    parser.add_argument("--faults", nargs="+", default=list(FAULTS), choices=FAULTS, help="the processes to kill")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="her2scope-chaos-"))
     print(f"seed {args.seed}, {os.cpu_count()} cores, logs in {root}")
@@ -1270,7 +1274,7 @@ def main() -> None:
 
     if "kills" not in args.skip:
         (root / "kills").mkdir()
-        reports, chaos = kill_cycles(root / "kills", args.runs, args.seed)
+        reports, chaos = kill_cycles(root / "kills", args.runs, args.seed, tuple(args.faults))
         figures["kills"] = [asdict(r) for r in reports]
         figures["daemon_restarts_s"] = chaos.daemon_restarts
         figures["recorder_restarts_s"] = chaos.recorder_restarts
