@@ -172,6 +172,10 @@ class CaseFolder:
         """Whether ``fov_id`` has an event."""
         return any(isinstance(d, EventDoc) and d.fov_id == fov_id for d in self.docs)
 
+    def latest_event(self, fov_id: str) -> EventDoc | None:
+        """The last event of ``fov_id`` (a re-score's replaces an earlier one), if it has one."""
+        return next((d for d in reversed(self.docs) if isinstance(d, EventDoc) and d.fov_id == fov_id), None)
+
     def seen(self, session: str, seq: int) -> bool:
         """Whether the daemon message ``(session, seq)`` already has an event."""
         return any(isinstance(d, EventDoc) and d.daemon_seq == seq and d.daemon_session == session for d in self.docs)

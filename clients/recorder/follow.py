@@ -448,17 +448,21 @@ class Recorder:
         log.warning("image_missing", case_id=folder.case_id, fov=fov_id)
 
     def _fill_from_summary(self, folder: CaseFolder, summary: CaseSummary) -> None:
-        """Give each scored/failed FOV of ``summary`` without an event one (after a gap), and fetch its image."""
+        """Give each scored/failed FOV of ``summary`` without an event one (after a gap), and one more to each FOV
+        recorded as scored that the daemon now says failed (it lost the FOV's image when it was killed before the
+        image reached its disk, and says so when it starts again); fetch the images."""
         assert folder.run is not None
         for entry in summary.fovs:
-            if entry.status == "pending" or folder.has_event(entry.fov_id):
+            latest = folder.latest_event(entry.fov_id)
+            lost = latest is not None and latest.status == "scored" and entry.status == "failed"
+            if entry.status == "pending" or (latest is not None and not lost):
                 continue
             self._fetch_image(folder, entry.fov_id)
             event = folder.run.event(
                 fov_id=entry.fov_id,
                 kind=entry.kind,
                 status=entry.status,
-                rescore=False,
+                rescore=lost,
                 source="snapshot",
                 daemon_session=self.session,
                 daemon_seq=None,
@@ -503,9 +507,12 @@ class Recorder:
         log.warning("case_aborted", case_id=folder.case_id, reason=reason)
 
     def _fetch_missing(self, folder: CaseFolder) -> list[str]:
+        """Fetch the images still missing; the scored FOVs whose image is still missing (a FOV that failed because
+        the daemon lost its image has none to miss)."""
         for event in folder.events():
             self._fetch_image(folder, event.fov_id)
-        return [e.fov_id for e in folder.events() if not folder.has_file(e.data.image)]
+        latest = {e.fov_id: e for e in folder.events()}
+        return [e.fov_id for e in latest.values() if e.status == "scored" and not folder.has_file(e.data.image)]
 
     def _finish(self, folder: CaseFolder, summary: CaseSummary) -> None:
         assert folder.run is not None
