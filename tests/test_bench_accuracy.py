@@ -66,6 +66,7 @@ def test_tissue_mask_separates_the_disk_from_glass(core: np.ndarray) -> None:
     assert not mask[centre_distance > CORE_RADIUS + d].any()
 
 
+@pytest.mark.e2e
 def test_five_fields_inside_the_disk_without_overlap(core: np.ndarray) -> None:
     windows = bench.field_windows(core)
     assert len(windows) == 5

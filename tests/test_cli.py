@@ -137,6 +137,7 @@ def test_score_help_lists_options() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_json_report_structure(case_report: dict[str, Any]) -> None:
     assert set(case_report) == REPORT_KEYS
     assert case_report["software"] == {"name": "her2scope", "version": version("her2scope")}
@@ -154,6 +155,7 @@ def test_json_report_structure(case_report: dict[str, Any]) -> None:
     assert [fov["image"] for fov in case_report["fovs"]] == [str(HER2_0), str(HER2_3PLUS)]
 
 
+@pytest.mark.e2e
 def test_json_case_sums_fovs(case_report: dict[str, Any]) -> None:
     case = case_report["case"]
     assert set(case) == CASE_KEYS
@@ -167,6 +169,7 @@ def test_json_case_sums_fovs(case_report: dict[str, Any]) -> None:
     assert case["warnings"] == []
 
 
+@pytest.mark.e2e
 def test_real_fovs_score_as_labelled(case_report: dict[str, Any]) -> None:
     zero, three = case_report["fovs"]
     assert zero["score"] == "0"
@@ -181,6 +184,7 @@ def test_real_fovs_score_as_labelled(case_report: dict[str, Any]) -> None:
     assert three["total"] >= 100
 
 
+@pytest.mark.e2e
 def test_control_is_calibrated(case_report: dict[str, Any]) -> None:
     control = case_report["control"]
     assert control["image"] == str(CONTROL)
@@ -189,6 +193,7 @@ def test_control_is_calibrated(case_report: dict[str, Any]) -> None:
     assert 0.0 < control["intense_threshold_od"] < control["membrane_ridge_od"]
 
 
+@pytest.mark.e2e
 def test_overlays_written(case_report: dict[str, Any], overlay_dir: Path) -> None:
     written = sorted(p.name for p in overlay_dir.iterdir())
     assert written == ["control_3plus_control_overlay.png", "her2_0_overlay.png", "her2_3plus_overlay.png"]
@@ -436,6 +441,7 @@ def test_the_objective_sets_the_pixel_size() -> None:
     assert both.exit_code == 2 and "not both" in both.stderr
 
 
+@pytest.mark.e2e
 def test_score_with_the_gastric_biopsy_guideline(case_report: dict[str, Any]) -> None:
     report = run_json(HER2_0, HER2_3PLUS, "--control", CONTROL, "--guideline", "gastric", "--specimen", "biopsy")
     assert report["parameters"]["case_rule"]["guideline"] == "gastric"

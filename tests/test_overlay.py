@@ -159,6 +159,7 @@ def test_contour_method_draws_each_cell_as_a_ring_of_its_class_colour(pixel_size
 
 
 @pytest.mark.parametrize("pixel_size_um", [PIXEL_SIZE_40X, PIXEL_SIZE_20X])
+@pytest.mark.e2e
 def test_each_cell_is_a_dot_of_its_class_colour_on_its_nucleus(pixel_size_um: float) -> None:
     _, analysis, overlay = analysed(MIX, pixel_size_um)
     layer = overlay.layers["cells"]
@@ -279,6 +280,7 @@ def test_intense_complete_contours_lie_on_the_true_membranes() -> None:
 
 
 @pytest.mark.parametrize(("her2_class", "expect"), [("2+", "green"), ("1+", "none")])
+@pytest.mark.e2e
 def test_weak_complete_contours_only_on_complete_weak_membranes(her2_class: str, expect: str) -> None:
     fov, _, overlay = analysed(((her2_class, 1.0),), params=CONTOUR_METHOD)
     layer = overlay.layers["completeness"]
@@ -389,6 +391,7 @@ def test_panel_lines_state_score_counts_threshold_and_case() -> None:
     assert "(2 FOVs)" in with_case[1]
 
 
+@pytest.mark.e2e
 def test_panel_is_an_opaque_box_top_left_with_coloured_text() -> None:
     _, analysis, _ = analysed(MIX, shape=FULL, seed=8)
     shape = (1080, 1920)

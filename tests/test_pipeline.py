@@ -11,6 +11,8 @@ from her2scope.scoring.case import NO_CONTROL_WARNING
 from her2scope.synthetic import blank_fov, render_fov
 from tests.helpers.synthetic import PIXEL_SIZE_40X, match_cells, synthetic_control, synthetic_fov
 
+pytestmark = pytest.mark.e2e  # the whole pipeline on full-size fields, seconds per test
+
 CLASSES = ("0", "1+", "2+", "3+")
 
 
@@ -21,7 +23,6 @@ def _positions(result, her2_class=None) -> np.ndarray:  # type: ignore[no-untype
 
 @pytest.mark.parametrize("batch_strength", [0.8, 1.0, 1.4])
 @pytest.mark.parametrize("her2_class", CLASSES)
-@pytest.mark.e2e
 def test_pure_fovs_are_counted_and_classified_across_batches(her2_class: str, batch_strength: float) -> None:
     fov = synthetic_fov(((her2_class, 1.0),), batch_strength)
     control = synthetic_control(batch_strength)
@@ -35,7 +36,6 @@ def test_pure_fovs_are_counted_and_classified_across_batches(her2_class: str, ba
 
 
 @pytest.mark.parametrize("batch_strength", [0.8, 1.0, 1.4])
-@pytest.mark.e2e
 def test_mixed_fov_class_shares_follow_ground_truth(batch_strength: float) -> None:
     mix = (("0", 0.4), ("1+", 0.3), ("2+", 0.2), ("3+", 0.1))
     fov = synthetic_fov(mix, batch_strength, seed=7)
@@ -47,7 +47,6 @@ def test_mixed_fov_class_shares_follow_ground_truth(batch_strength: float) -> No
         assert abs(result.percentages[her2_class] - true_share) < 8.0, (her2_class, result.percentages, truth)
 
 
-@pytest.mark.e2e
 def test_cells_are_reported_where_they_are_with_their_class() -> None:
     mix = (("0", 0.25), ("1+", 0.25), ("2+", 0.25), ("3+", 0.25))
     fov = synthetic_fov(mix, seed=8)
@@ -63,7 +62,6 @@ def test_cells_are_reported_where_they_are_with_their_class() -> None:
     assert agreement >= 0.9
 
 
-@pytest.mark.e2e
 def test_intense_threshold_follows_the_batch() -> None:
     thresholds = {b: synthetic_control(b).intense_threshold_od for b in (0.8, 1.0, 1.4)}
     assert thresholds[0.8] < thresholds[1.0] < thresholds[1.4]
@@ -84,7 +82,6 @@ def test_without_control_the_default_applies_and_the_result_says_so() -> None:
     assert NO_CONTROL_WARNING not in calibrated.warnings
 
 
-@pytest.mark.e2e
 def test_a_strong_batch_without_control_overcalls_and_the_control_corrects_it() -> None:
     # Why calibrate: in a strongly stained batch, 2+ membranes pass a fixed intense threshold.
     fov = synthetic_fov((("2+", 1.0),), 2.0)
@@ -107,7 +104,6 @@ def test_a_blank_control_cannot_calibrate() -> None:
 
 
 @pytest.mark.parametrize("pixel_size_um", [0.25, 0.5])
-@pytest.mark.e2e
 def test_20x_and_40x_fovs_both_work(pixel_size_um: float) -> None:
     fov = synthetic_fov((("2+", 0.5), ("3+", 0.5)), pixel_size_um=pixel_size_um, seed=9)
     result = score_fov(fov.rgb, pixel_size_um, control=synthetic_control(pixel_size_um=pixel_size_um))
@@ -118,7 +114,6 @@ def test_20x_and_40x_fovs_both_work(pixel_size_um: float) -> None:
     assert result.analysis_pixel_size_um == pytest.approx(max(pixel_size_um, 0.5), rel=0.01)
 
 
-@pytest.mark.e2e
 def test_jpeg_noise_and_blur_do_not_change_the_call() -> None:
     clean = synthetic_fov((("1+", 0.6), ("2+", 0.4)), seed=12)
     jpeg = synthetic_fov((("1+", 0.6), ("2+", 0.4)), seed=12, jpeg_quality=70)
@@ -241,7 +236,6 @@ CASES = {
 
 @pytest.mark.parametrize("batch_strength", [0.7, 1.3])
 @pytest.mark.parametrize("expected", list(CASES))
-@pytest.mark.e2e
 def test_case_score_over_several_fovs_across_batches(expected: Her2Score, batch_strength: float) -> None:
     from her2scope.config.scoring import CaseRule
     from her2scope.scoring import score_case
@@ -258,7 +252,6 @@ def test_case_score_over_several_fovs_across_batches(expected: Her2Score, batch_
         assert case.call.zero_subtype is not None
 
 
-@pytest.mark.e2e
 def test_control_calibrated_from_a_chosen_region() -> None:
     from her2scope.synthetic import render_control
 

@@ -15,6 +15,8 @@ from her2scope.daemon.frames import Frame, FrameSource, SourceError
 from her2scope.daemon.simulator import SimulatedMicroscope, StageState, StageStatus
 from her2scope.scoring import score_fov
 
+pytestmark = pytest.mark.e2e  # each test renders a virtual slide for the simulated microscope (about a second)
+
 PIXEL_SIZE = 0.5
 FPS = 30.0
 MIX = {"0": 0.3, "1+": 0.3, "2+": 0.3, "3+": 0.1}
@@ -344,7 +346,6 @@ def test_unplug_on_demand() -> None:
     assert scope.read(100.0) is not None
 
 
-@pytest.mark.e2e
 def test_same_seed_same_frames_and_faults() -> None:
     faults = SimulatedFaults(drop_probability=0.1, freeze_probability=0.1, corrupt_probability=0.05)
 
@@ -363,7 +364,6 @@ def test_same_seed_same_frames_and_faults() -> None:
 # ------------------------------------------------------------------------------------------------ scoring
 
 
-@pytest.mark.e2e
 def test_full_size_views_score_like_their_ground_truth() -> None:
     """At 1080x1920 and 0.25 µm/px the control scores 3+ and a tumour field scores its class mix."""
     config = small_config(width=1920, height=1080, slide_fields=(1, 1))

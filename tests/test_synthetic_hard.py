@@ -270,6 +270,7 @@ def test_complete_rings_have_small_gaps_but_stay_complete() -> None:
     assert np.median(dips) < 0.5
 
 
+@pytest.mark.e2e
 def test_lateral_and_basolateral_membranes_lie_on_their_sides(
     hard: SyntheticFov, hard_dab: NDArray[np.float64]
 ) -> None:
@@ -301,6 +302,7 @@ def test_lateral_and_basolateral_membranes_lie_on_their_sides(
 # ------------------------------------------------------------------------------------------------- nuclei
 
 
+@pytest.mark.e2e
 def test_pale_nuclei_have_the_requested_h_od() -> None:
     fov = render_fov(
         (720, 1280), PX, MIX, pale_nucleus_fraction=1.0, blur_um=0.0, noise_sigma=0.0, nucleus_diameter_um=7.0, seed=6
@@ -373,6 +375,7 @@ def component_sizes(
 
 
 @pytest.mark.parametrize("tissue", ["stroma", "muscle", "lymphocytes", "glass"])
+@pytest.mark.e2e
 def test_non_tumour_fields_have_no_tumour_cells(tissue: str) -> None:
     fov = render_hard_fov((540, 960), PX, MIX, seed=12, tissue=tissue, noise_sigma=0.0)
     assert fov.tissue == tissue
