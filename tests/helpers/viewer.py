@@ -26,18 +26,21 @@ CASE_ID = "case-1"
 
 
 def jpeg_bytes(bgr: np.ndarray) -> bytes:
+    """A BGR image as the JPEG of a preview."""
     ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
     assert ok
     return data.tobytes()
 
 
 def png_bytes(image: np.ndarray) -> bytes:
+    """An image as the PNG of an overlay layer."""
     ok, data = cv2.imencode(".png", image)
     assert ok
     return data.tobytes()
 
 
 def status_body(**changes: Any) -> dict[str, Any]:
+    """A heartbeat's body (a live camera, an open case of one FOV), with ``changes``."""
     body = {
         "daemon": "running",
         "camera": {"state": "live", "source": "simulated", "fps": 15.0},
@@ -57,6 +60,7 @@ def status_body(**changes: Any) -> dict[str, Any]:
 def case_summary(
     *entries: dict[str, Any], score: str | None = "2+", control: dict[str, Any] | None = None
 ) -> dict[str, Any]:
+    """The open case's summary with the given FOV ``entries`` (see ``fov_entry``)."""
     counts = {"0": 40, "1+": 30, "2+": 25, "3+": 5}
     return {
         "case_id": CASE_ID,
@@ -83,6 +87,7 @@ def case_summary(
 
 
 def fov_entry(fov_id: str, score: str | None = "2+", **changes: Any) -> dict[str, Any]:
+    """One scored FOV of a case summary, with ``changes``."""
     entry = {
         "fov_id": fov_id,
         "kind": "fov",
