@@ -60,8 +60,15 @@ class ControlClient:
         would be taken for this one's. So when the request carries an ``id``, replies with another id are dropped.
         """
         expected = request_id(frame)
-        self._socket.send_multipart([b"", frame])
         deadline = time.monotonic() + (timeout_ms or self._timeout_ms) / 1000.0
+        # a DEALER with no connection to send on (the daemon refused this client's CURVE key, say) would block the
+        # send for ever: wait for one as long as for the reply
+        if not self._socket.poll(max(1, int(timeout_ms or self._timeout_ms)), zmq.POLLOUT):
+            raise ControlError(
+                f"the daemon did not answer within {timeout_ms or self._timeout_ms:.0f} ms: no connection to it (is it "
+                "running? with CURVE, is this client's key on its list?)"
+            )
+        self._socket.send_multipart([b"", frame], zmq.NOBLOCK)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._socket.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
