@@ -69,6 +69,9 @@ from her2scope.daemon.worker import JobOverlay, JobResult, ScoreJob, ScoringWork
 
 log = structlog.get_logger(__name__)
 
+#: The control socket drops messages over this many times ``[limits] max_request_kib`` unread (ZeroMQ's MAXMSGSIZE).
+MESSAGE_CAP_FACTOR = 4
+
 FovKind = Literal["fov", "control"]
 
 
@@ -181,6 +184,9 @@ class Daemon:
         # megabytes each), then drop the rest silently; mandatory routing makes a full queue an error we answer
         self._control.setsockopt(zmq.SNDHWM, self.config.limits.max_unread_replies)
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # a request up to MESSAGE_CAP_FACTOR times the size limit is read and refused with a reply; a larger message
+        # is never held in memory: ZeroMQ drops it and disconnects its sender
+        self._control.setsockopt(zmq.MAXMSGSIZE, MESSAGE_CAP_FACTOR * self.config.limits.max_request_bytes)
         if self._curve is not None:
             self._start_authenticator(self._curve)
         self._pub.bind(zmq_config.publish)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from her2scope.clients.control import ControlClient, ControlError
 from her2scope.daemon.protocol import Command, ProtocolError, Reply, Request, parse_request, request_id
 from tests.helpers.daemon import CONFIG, Daemon, running_daemon, wait_for
 
@@ -490,3 +491,15 @@ def test_a_rescore_beyond_the_queue_bound_is_refused_busy(tmp_path: Path) -> Non
         assert len(daemon.control.call("snapshot")["case"]["adjustments"]) == audit  # ... nor recorded
         assert daemon.control.call("rescore", fov_id="fov-001")["queued"] == 1
         assert _problems(daemon) == []
+
+
+def test_a_message_far_over_the_size_limit_is_dropped_unread(daemon: Daemon) -> None:
+    """Up to four times the limit a request is read and refused with a reply; a larger one is never held: ZeroMQ
+    drops it and disconnects its sender (no reply comes), and the daemon serves everyone else as before."""
+    huge = b'{"v": 1, "id": "huge", "command": "status", "args": {"x": "' + b"x" * (5 * 1024 * 1024) + b'"}}'
+    with (
+        ControlClient(daemon.endpoints["control"], timeout_ms=2000) as sender,
+        pytest.raises(ControlError, match="did not answer"),
+    ):
+        sender.request_raw(huge)
+    _assert_running(daemon)
