@@ -3,12 +3,14 @@ modules import them from there, never from one another or from this file."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+
+from tests.helpers.recorder import Setup
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -23,3 +25,13 @@ def sample() -> Callable[[str], np.ndarray]:
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     return read
+
+
+@pytest.fixture
+def own_setup(tmp_path: Path) -> Iterator[Setup]:
+    """A test's own state folder and config, no daemon yet: for tests that stop, restart or start it late."""
+    bench = Setup(tmp_path, start_daemon=False)
+    try:
+        yield bench
+    finally:
+        bench.close()

@@ -13,7 +13,6 @@ import signal
 import stat
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,16 +41,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     running = start_daemon_setup(tmp_path_factory.mktemp("recorder"))
     yield running
     running.close()
-
-
-@pytest.fixture
-def own_setup(tmp_path: Path) -> Iterator[Setup]:
-    """A test's own state folder and config, no daemon yet: for tests that stop, restart or start it late."""
-    bench = Setup(tmp_path, start_daemon=False)
-    try:
-        yield bench
-    finally:
-        bench.close()
 
 
 def daemon_image(daemon: Daemon, fov_id: str) -> bytes:

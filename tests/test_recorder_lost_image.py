@@ -4,8 +4,6 @@ scored, and its log still ends well (found by the chaos suite: a SIGKILL ~80 ms 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,15 +12,6 @@ from tests.helpers.daemon import wait_for
 from tests.helpers.recorder import Setup, capture, has_events, has_stop, settled, wait_for_docs
 
 pytestmark = pytest.mark.e2e  # real daemon and recorder processes
-
-
-@pytest.fixture
-def own_setup(tmp_path: Path) -> Iterator[Setup]:
-    bench = Setup(tmp_path, start_daemon=False)
-    try:
-        yield bench
-    finally:
-        bench.close()
 
 
 def test_a_fov_the_daemon_lost_at_a_crash_is_recorded_as_failed(own_setup: Setup) -> None:
