@@ -1,5 +1,5 @@
 """A daemon in remote mode (``allow_remote``, bound to 127.0.0.2, which the configuration does not take for the
-workstation's loopback) with CURVE keys: the viewer's link, ctl and a subscriber with a listed key are served, a
+workstation's loopback) with CURVE keys: the viewer's link, ctl and the recorder with a listed key are served, a
 keyless or unknown-key client gets nothing (docs/protocol.md, section 11)."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from her2scope.clients.control import ControlClient, ControlError
 from her2scope.clients.viewer.link import DaemonLink, Endpoints
 from her2scope.clients.viewer.state import daemon_responding, initial_state
 from her2scope.daemon.curve import ClientKeys, load_client_keys
-from tests.helpers.daemon import CONFIG, running_daemon
+from tests.helpers.daemon import CONFIG, running_daemon, wait_for
+from tests.helpers.processes import die_with_parent
 
 pytestmark = pytest.mark.e2e  # a daemon process in remote mode
 
@@ -73,3 +74,29 @@ def test_remote_mode_serves_listed_keys_only(tmp_path: Path) -> None:
             ):
                 client.call("status")
         assert daemon.control.call("status")["daemon"] == "running"  # the strangers changed nothing
+        # the recorder, remotely, with its key: a captured FOV reaches its case log
+        out = tmp_path / "cases"
+        with open(tmp_path / "recorder.log", "wb") as log:
+            recorder = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "her2scope", "record", "--config", str(tmp_path / "config.toml")),
+                    *("--out", str(out), "--key", str(lab_secret), "--json-logs"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                preexec_fn=die_with_parent,
+            )
+            try:
+                daemon.control.call("auto-capture", enabled=False)
+                daemon.control.call("start-case", case_id="remote")
+                wait_for(lambda: daemon.control.call("status")["camera"]["state"] == "live", what="the camera")
+                fov_id = daemon.control.call("capture")["fov_id"]
+                events = out / "remote" / "events.jsonl"
+                wait_for(
+                    lambda: events.exists() and f'"{fov_id}"' in events.read_text() and "scored" in events.read_text(),
+                    what="the recorder to log the scored FOV",
+                )
+            finally:
+                recorder.terminate()
+                recorder.wait(timeout=30)
