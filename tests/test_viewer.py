@@ -682,7 +682,13 @@ def window_viewer(daemon: Daemon, display: str, framebuffer: Path, log: Path) ->
             bar = screen[layout.status.y + 3, 300 : cols - 300]
             return bool(np.all(np.abs(bar.astype(int) - (22, 20, 19)) <= 2)) and screen[rows // 2, cols // 2].any()
 
-        wait_for(window_shown, what=f"the viewer's window on {display} (log: {log.read_text(errors='replace')})")
+        # a new process that imports OpenCV and NumPy, opens an X window and waits for a preview: on two busy
+        # cores (a CPU hog and the rest of the suite) that took over 30 s, so it gets three times the usual deadline
+        wait_for(
+            window_shown,
+            timeout_s=3 * DEADLINE_S,
+            what=f"the viewer's window on {display} (log: {log.read_text(errors='replace')})",
+        )
         yield process
     finally:
         if process.poll() is None:
