@@ -6,7 +6,6 @@ Real processes on random loopback ports with ``require_curve`` (CURVE on loopbac
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 import sys
@@ -17,8 +16,8 @@ import pytest
 from her2scope.clients.control import ControlClient, ControlError, Subscriber
 from her2scope.daemon.curve import ClientKeys, load_client_keys
 from her2scope.daemon.protocol import Topic
-from tests.helpers.daemon import CONFIG, running_daemon, wait_for
-from tests.helpers.processes import die_with_parent
+from tests.helpers.daemon import CONFIG, running_daemon
+from tests.helpers.recorder import RecorderProcess, records_a_capture
 
 pytestmark = pytest.mark.e2e  # the daemon, ctl, the recorder and the keys command as processes
 
@@ -112,31 +111,6 @@ def test_the_recorder_records_with_its_key(tmp_path: Path) -> None:
     lab_key, _ = _keys(state)
     with running_daemon(tmp_path, base_config=CURVE_CONFIG, curve=_lab(state, lab_key)) as daemon:
         out = tmp_path / "cases"
-        with open(tmp_path / "recorder.log", "wb") as log:
-            recorder = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "her2scope", "record", "--config", str(tmp_path / "config.toml")),
-                    *("--out", str(out), "--key", str(lab_key), "--json-logs"),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                preexec_fn=die_with_parent,
-            )
-            try:
-                daemon.control.call("auto-capture", enabled=False)
-                daemon.control.call("start-case", case_id="curved")
-                wait_for(lambda: daemon.control.call("status")["camera"]["state"] == "live", what="the camera")
-                fov_id = daemon.control.call("capture")["fov_id"]
-                log_file = out / "curved" / "events.jsonl"
-                wait_for(
-                    lambda: (
-                        log_file.exists() and f'"{fov_id}"' in log_file.read_text() and "scored" in log_file.read_text()
-                    ),
-                    what="the recorder to log the scored FOV",
-                )
-            finally:
-                recorder.terminate()
-                recorder.wait(timeout=15)
+        recorder = RecorderProcess(tmp_path / "config.toml", out, None, tmp_path / "recorder.log", key=lab_key)
+        fov_id = records_a_capture(daemon, recorder, out, "curved")
         assert (out / "curved" / f"{fov_id}.png").exists() or any((out / "curved").rglob(f"{fov_id}*.png"))

@@ -15,8 +15,8 @@ from her2scope.clients.control import ControlClient, ControlError
 from her2scope.clients.viewer.link import DaemonLink, Endpoints
 from her2scope.clients.viewer.state import daemon_responding, initial_state
 from her2scope.daemon.curve import ClientKeys, load_client_keys
-from tests.helpers.daemon import CONFIG, running_daemon, wait_for
-from tests.helpers.processes import die_with_parent
+from tests.helpers.daemon import CONFIG, running_daemon
+from tests.helpers.recorder import RecorderProcess, records_a_capture
 
 pytestmark = pytest.mark.e2e  # a daemon process in remote mode
 
@@ -76,27 +76,5 @@ def test_remote_mode_serves_listed_keys_only(tmp_path: Path) -> None:
         assert daemon.control.call("status")["daemon"] == "running"  # the strangers changed nothing
         # the recorder, remotely, with its key: a captured FOV reaches its case log
         out = tmp_path / "cases"
-        with open(tmp_path / "recorder.log", "wb") as log:
-            recorder = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "her2scope", "record", "--config", str(tmp_path / "config.toml")),
-                    *("--out", str(out), "--key", str(lab_secret), "--json-logs"),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                preexec_fn=die_with_parent,
-            )
-            try:
-                daemon.control.call("auto-capture", enabled=False)
-                daemon.control.call("start-case", case_id="remote")
-                wait_for(lambda: daemon.control.call("status")["camera"]["state"] == "live", what="the camera")
-                fov_id = daemon.control.call("capture")["fov_id"]
-                events = out / "remote" / "events.jsonl"
-                wait_for(
-                    lambda: events.exists() and f'"{fov_id}"' in events.read_text() and "scored" in events.read_text(),
-                    what="the recorder to log the scored FOV",
-                )
-            finally:
-                recorder.terminate()
-                recorder.wait(timeout=30)
+        recorder = RecorderProcess(tmp_path / "config.toml", out, None, tmp_path / "recorder.log", key=lab_secret)
+        records_a_capture(daemon, recorder, out, "remote")

@@ -21,15 +21,18 @@ ROI = [[20.0, 20.0], [20.0, 700.0], [500.0, 700.0], [500.0, 20.0]]
 
 
 class RecorderProcess:
-    """``her2scope record`` as a subprocess, logging JSON lines to a file."""
+    """``her2scope record`` as a subprocess, logging JSON lines to a file; with ``state``, it may read the daemon's
+    state folder, with ``key``, it authenticates with that CURVE key."""
 
-    def __init__(self, config: Path, out: Path, state: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, out: Path, state: Path | None, log_path: Path, key: Path | None = None) -> None:
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
         self.process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "her2scope", "record", "--config", str(config), "--out", str(out)),
-                *("--daemon-state", str(state), "--json-logs"),
+                *(("--daemon-state", str(state)) if state is not None else ()),
+                *(("--key", str(key)) if key is not None else ()),
+                "--json-logs",
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -114,6 +117,24 @@ class Setup:
                 with contextlib.suppress(ProcessLookupError):
                     daemon.process.send_signal(signal.SIGCONT)
                 daemon.stop()
+
+
+def records_a_capture(daemon: Daemon, recorder: RecorderProcess, out: Path, case_id: str) -> str:
+    """Start ``case_id``, capture a FOV and wait until ``recorder`` has logged it scored under ``out`` (then stop
+    the recorder); the FOV's id."""
+    try:
+        daemon.control.call("auto-capture", enabled=False)
+        daemon.control.call("start-case", case_id=case_id)
+        wait_for(lambda: daemon.control.call("status")["camera"]["state"] == "live", what="the camera")
+        fov_id = daemon.control.call("capture")["fov_id"]
+        events = out / case_id / "events.jsonl"
+        wait_for(
+            lambda: events.exists() and f'"{fov_id}"' in events.read_text() and "scored" in events.read_text(),
+            what="the recorder to log the scored FOV",
+        )
+    finally:
+        recorder.stop()
+    return str(fov_id)
 
 
 def start_daemon_setup(root: Path) -> Setup:
