@@ -139,7 +139,8 @@ class Replay:
 
 class Subscriber:
     """A SUB socket on the daemon's publisher that decodes messages; ``receive`` has a timeout. ``curve``: as for
-    :class:`ControlClient`."""
+    :class:`ControlClient`; ``hwm``: how many messages it queues before it drops new ones (2 for previews: only the
+    newest matters)."""
 
     def __init__(
         self,
@@ -147,15 +148,22 @@ class Subscriber:
         topics: Sequence[str] = ("",),
         context: zmq.Context[Any] | None = None,
         curve: ClientKeys | None = None,
+        hwm: int = 1000,
     ) -> None:
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         secure_client(self._socket, curve)
-        self._socket.setsockopt(zmq.RCVHWM, 1000)
+        self._socket.setsockopt(zmq.RCVHWM, hwm)
         for topic in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._socket.connect(endpoint)
+
+    @property
+    def socket(self) -> zmq.Socket[Any]:
+        """The SUB socket, to wait on it together with others (``zmq.Poller``)."""
+        socket: zmq.Socket[Any] = self._socket
+        return socket
 
     def close(self) -> None:
         """Close the socket."""
