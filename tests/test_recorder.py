@@ -372,7 +372,7 @@ def test_a_case_started_between_the_snapshot_and_the_replay_is_followed(setup: S
     daemon = setup.daemon
     out = setup.root / "race-cases"
     recorder = setup.in_process_recorder(out)
-    real_replay = recorder._replay
+    real_replay = recorder.follower.replay
     started: list[dict[str, Any]] = []
 
     def start_case_then_replay(since: int) -> Any:  # the pathologist starts a case while the recorder syncs
@@ -380,7 +380,7 @@ def test_a_case_started_between_the_snapshot_and_the_replay_is_followed(setup: S
             started.append(daemon.control.call("start-case", case_id="rec-race"))
         return real_replay(since)
 
-    recorder._replay = start_case_then_replay  # type: ignore[method-assign]
+    recorder.follower.replay = start_case_then_replay  # type: ignore[method-assign,assignment]
     case_dir = out / "rec-race"
     try:
         assert daemon.control.call("snapshot")["case"]["case_id"] is None

@@ -1,12 +1,14 @@
 """The recorder's loop: follows the daemon's messages and turns them into the documents and files of case folders.
 
-Recovery (zguide "Clone"): at start, on a ``topic_seq`` gap, on a new daemon ``session`` and when the heartbeat
-stops, the recorder takes a ``snapshot``, ``replay``s the messages after the last sequence number it processed and
-gives every scored FOV of the snapshot that has no event yet one (``source: "snapshot"``). Duplicates are
-impossible: an event carries the daemon's ``(session, seq)`` and actions their index in the case's adjustments.
+Following is the :class:`~her2scope.clients.follower.Follower`'s (zguide "Clone"): at start, on a ``topic_seq`` gap,
+on a new daemon ``session`` and when a silent daemon is heard again it takes a ``snapshot`` and ``replay``s the
+messages after the last sequence number the recorder processed (in a daemon run new to it, after the one its case
+folders' state files name). The recorder records the replayed messages and, at the snapshot, gives every scored FOV
+of the snapshot's case that has no event yet one (``source: "snapshot"``). Duplicates are impossible: an event
+carries the daemon's ``(session, seq)`` and actions their index in the case's adjustments.
 
-States of the loop: DISCONNECTED (no daemon found) → SYNCING (snapshot + replay) → FOLLOWING; a gap, a new
-session or silence → SYNCING; a failed request → DISCONNECTED (retried every ``RETRY_S``).
+States of the loop (the follower's): DISCONNECTED (no daemon found, retried every ``RETRY_S``) → SYNCING (snapshot +
+replay) → FOLLOWING; a gap, a new session or silence → SYNCING.
 """
 
 from __future__ import annotations
@@ -14,15 +16,28 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 import zmq
 
-from her2scope.clients.control import ControlClient, ControlError, Subscriber
-from her2scope.clients.follower import FollowPosition, Verdict
+from her2scope.clients.control import ControlError
+from her2scope.clients.follower import (
+    ORDERED_TOPICS,
+    Connected,
+    Event,
+    Follower,
+    Invalid,
+    LoopState,
+    NotFound,
+    Received,
+    Resyncing,
+    Silent,
+    Snapshot,
+    Synced,
+    Unreachable,
+)
 from her2scope.clients.recorder.documents import compose_start, fov_data
 from her2scope.clients.recorder.folder import REPORT_FILE, STATE_FILE, CaseFolder, _private_dir
 from her2scope.clients.report import write_report
@@ -34,24 +49,15 @@ from her2scope.daemon.protocol import (
     CaseSummary,
     Message,
     OverlayBody,
-    ProtocolError,
     ResultBody,
     StatusBody,
     Topic,
-    silence_limit_ms,
 )
 
 log = structlog.get_logger(__name__)
 
-TOPICS = (Topic.CAPTURE, Topic.RESULT, Topic.OVERLAY, Topic.STATUS, Topic.CASE)
-
-
-class LoopState(StrEnum):
-    """What the recorder's loop is doing."""
-
-    DISCONNECTED = "disconnected"
-    SYNCING = "syncing"
-    FOLLOWING = "following"
+TOPICS = ORDERED_TOPICS  # what the recorder follows: every topic but previews
+__all__ = ["TOPICS", "LoopState", "Recorder", "compose_overlay"]
 
 
 class Recorder:
@@ -62,7 +68,7 @@ class Recorder:
     the daemon can no longer send (the case message was missed, the case is closed).
     """
 
-    RETRY_S = 1.0
+    RETRY_S = Follower.RETRY_S
 
     def __init__(
         self,
@@ -82,37 +88,42 @@ class Recorder:
         self._endpoints = endpoints
         self._fallback = (fallback_params, fallback_rule, pixel_size_um)
         self._daemon_state = daemon_state.expanduser() if daemon_state else None
-        self._silence_ms = silence_limit_ms(heartbeat_ms)
-        self._timeout_ms = timeout_ms
-        self._curve = curve  # CURVE keys for a daemon that uses them (docs/protocol.md, section 11)
         self._context: zmq.Context[Any] = zmq.Context()
-        self._subscriber: Subscriber | None = None
-        self._control: ControlClient | None = None
-        self._control_endpoint = ""
-        self.state = LoopState.DISCONNECTED
-        self.follow = FollowPosition()  # where the recorder stands in the daemon's messages
-        self._last_heard = time.monotonic()
-        self._last_attempt = -1e9
+        self.follower = Follower(
+            endpoints,
+            heartbeat_ms=heartbeat_ms,
+            timeout_ms=timeout_ms,
+            resume=self._persisted_seq,
+            context=self._context,
+            curve=curve,  # CURVE keys for a daemon that uses them (docs/protocol.md, section 11)
+        )
+        self._session: str | None = None  # the daemon run of the message being recorded
+        self._snapshot_seq = 0  # the last snapshot's sequence number: replayed messages after it are the present
         self._last_retry = time.monotonic()
         self._daemon_case: str | None = None
         self.folders: dict[str, CaseFolder] = {}
         self._dirty: set[str] = set()
 
     @property
+    def state(self) -> LoopState:
+        """What the loop is doing (disconnected, syncing, following)."""
+        return self.follower.state
+
+    @property
     def session(self) -> str | None:
-        """The daemon run the recorder follows."""
-        return self.follow.session
+        """The daemon run of the messages being recorded."""
+        return self._session
 
     @property
     def last_seq(self) -> int:
-        """The sequence number of the last message processed."""
-        return self.follow.last_seq
+        """The sequence number of the last message the follower handed on."""
+        return self.follower.position.last_seq
 
     # life cycle
 
     def close(self) -> None:
         """Close the sockets (everything written is already on disk)."""
-        self._disconnect()
+        self.follower.close()
         self._context.term()
 
     def run(self, should_stop: Callable[[], bool]) -> None:
@@ -126,36 +137,14 @@ class Recorder:
             self.close()
 
     def step(self, timeout_ms: float = 200.0) -> None:
-        """One turn of the loop: (re)connect if needed, handle at most a batch of messages, retry writes."""
-        now = time.monotonic()
-        if self.state == LoopState.DISCONNECTED:
-            if now - self._last_attempt < self.RETRY_S:
-                time.sleep(min(timeout_ms / 1000.0, self.RETRY_S))
-                return
-            self._last_attempt = now
-            self._connect()
-            return
-        assert self._subscriber is not None
-        try:
-            for turn in range(50):
-                message = self._subscriber.receive(timeout_ms if turn == 0 else 0)
-                if message is None:
-                    break
-                self._last_heard = time.monotonic()
-                self._on_live(message)
-                if self.state != LoopState.FOLLOWING:
-                    break
-            if self.state == LoopState.SYNCING:
-                self._sync("gap")
-            elif (time.monotonic() - self._last_heard) * 1000.0 > self._silence_ms:
-                log.warning("daemon_silent", silent_ms=round((time.monotonic() - self._last_heard) * 1000.0))
-                self._disconnect()
-                self._connect()
-        except ControlError as error:
-            log.warning("daemon_unreachable", error=str(error))
-            self._disconnect()
-        except ProtocolError as error:
-            log.warning("message_invalid", error=str(error))
+        """One turn of the loop: what the follower hands on (at most a batch of messages), then retry writes."""
+        events = self.follower.poll(timeout_ms)
+        snapshot = next((e for e in events if isinstance(e, Snapshot)), None)
+        if snapshot is not None:  # the daemon's open case now: the messages replayed before the snapshot are the past
+            self._daemon_case = CaseSummary.model_validate(snapshot.data["case"]).case_id
+            self._snapshot_seq = snapshot.last_seq
+        for event in events:
+            self._on_event(event)
         if time.monotonic() - self._last_retry >= self.RETRY_S:
             self._last_retry = time.monotonic()
             for folder in self.folders.values():
@@ -163,76 +152,45 @@ class Recorder:
                     folder.retry()
         self._flush_reports()
 
-    def _connect(self) -> None:
-        try:
-            endpoints = self._endpoints()
-        except ControlError as error:
-            log.warning("daemon_not_found", error=str(error))
-            self.state = LoopState.DISCONNECTED
-            return
-        self._subscriber = Subscriber(
-            endpoints["publish"], [t.value for t in TOPICS], context=self._context, curve=self._curve
+    def _on_event(self, event: Event) -> None:
+        match event:
+            case Received(message=message, source=source) if message.header.topic != Topic.PREVIEW:
+                self._on_message(message, source)
+            case Snapshot():
+                self._on_snapshot(event)
+            case Synced(session=session, last_seq=last_seq):
+                if self._daemon_case in self.folders:
+                    self.folders[self._daemon_case].save_state(
+                        session=session, last_seq=last_seq, case_id=self._daemon_case
+                    )
+            case Connected(endpoints=endpoints):
+                log.info("recorder_connected", **endpoints)
+            case NotFound(error=error):
+                log.warning("daemon_not_found", error=error)
+            case Unreachable(error=error):
+                log.warning("daemon_unreachable", error=error)
+            case Invalid(error=error):
+                log.warning("message_invalid", error=error)
+            case Resyncing(why=why, topic=topic):
+                log.warning("daemon_restarted" if why == "restart" else "gap_detected", topic=topic)
+            case Silent(silent_ms=silent_ms):
+                log.warning("daemon_silent", silent_ms=round(silent_ms))
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        """The snapshot comes after the replayed messages it is up to date with, before those after it: its case is
+        the daemon's at that point; the FOVs it has without an event get one, cases it no longer has stop."""
+        log.info(
+            "recorder_sync",
+            why=snapshot.why,
+            session=snapshot.session,
+            since_seq=snapshot.since_seq,
+            replayed=snapshot.replayed,
+            complete=snapshot.complete,
         )
-        self._control_endpoint = endpoints["control"]
-        self._control = ControlClient(
-            self._control_endpoint, timeout_ms=self._timeout_ms, context=self._context, curve=self._curve
-        )
-        log.info("recorder_connected", **endpoints)
-        try:
-            self._sync("start")
-        except ControlError as error:
-            log.warning("daemon_unreachable", error=str(error))
-            self._disconnect()
-
-    def _disconnect(self) -> None:
-        for socket in (self._subscriber, self._control):
-            if socket is not None:
-                socket.close()
-        self._subscriber = self._control = None
-        self.state = LoopState.DISCONNECTED
-
-    # synchronisation
-
-    def _sync(self, why: str) -> None:
-        """Snapshot, replay since the last processed message, then give unrecorded FOVs of the snapshot events."""
-        assert self._control is not None
-        self.state = LoopState.SYNCING
-        snapshot = self._control.call("snapshot")
-        session = str(snapshot["session"])
-        if session != self.session:
-            self.follow = FollowPosition(session=session, last_seq=self._persisted_seq(session))
-        since = self.last_seq
-        messages, complete, last_seq = self._replay(since)
-        # The replay ends after the snapshot: when a case was started or closed in between, the snapshot's case is
-        # stale (reconciling with it would abort the case just started): take a newer snapshot and replay on.
-        for _ in range(3):
-            if not any(m.header.topic == Topic.CASE and m.header.seq > snapshot["last_seq"] for m in messages):
-                break
-            snapshot = self._control.call("snapshot")
-            if str(snapshot["session"]) != session:
-                raise ControlError("the daemon restarted during the sync")
-            more, more_complete, last_seq = self._replay(last_seq)
-            messages, complete = [*messages, *more], complete and more_complete
-        log.info("recorder_sync", why=why, session=session, since_seq=since, replayed=len(messages), complete=complete)
-        snapshot_case = CaseSummary.model_validate(snapshot["case"])
-        self._daemon_case = snapshot_case.case_id
-        for message in messages:
-            self._apply(message, "replay")
-        self.follow = self.follow.caught_up(last_seq=max(self.last_seq, last_seq))
-        self._reconcile(snapshot_case)
-        if self._daemon_case in self.folders:
-            self.folders[self._daemon_case].save_state(
-                session=session, last_seq=self.last_seq, case_id=self._daemon_case
-            )
-        self._last_heard = time.monotonic()
-        self.state = LoopState.FOLLOWING
-
-    def _replay(self, since: int) -> tuple[list[Message], bool, int]:
-        assert self._control is not None
-        replay = self._control.replay(since)
-        for error in replay.invalid:
-            log.warning("message_invalid", error=error)
-        return list(replay.messages), replay.complete, replay.last_seq
+        self._session, self._snapshot_seq = snapshot.session, snapshot.last_seq
+        case = CaseSummary.model_validate(snapshot.data["case"])
+        self._daemon_case = case.case_id
+        self._reconcile(case)
 
     def _persisted_seq(self, session: str) -> int:
         """The last sequence number processed in this daemon session, from the case folders' state files."""
@@ -246,35 +204,22 @@ class Recorder:
                 best = max(best, int(state.get("last_seq", 0)))
         return best
 
-    def _on_live(self, message: Message) -> None:
+    def _on_message(self, message: Message, source: Literal["live", "replay"]) -> None:
+        """Process a message, handed on once and in order by the follower."""
         header = message.header
         body = message.body
-        if isinstance(body, StatusBody):  # what the daemon has open now (replayed messages tell the past)
-            self._daemon_case = body.case_id
-        elif isinstance(body, CaseBody):
-            self._daemon_case = None if body.event == "closed" else body.case.case_id
-        verdict = self.follow.place(header)
-        if verdict in (Verdict.RESTARTED, Verdict.GAP):
-            log.warning(
-                "daemon_restarted" if verdict == Verdict.RESTARTED else "gap_detected", topic=header.topic.value
-            )
-            self.state = LoopState.SYNCING
-            return
-        self._apply(message, "live")
-
-    def _apply(self, message: Message, source: Literal["live", "replay"]) -> None:
-        """Process a message once (a replay may hold a gap the buffer dropped: what is there is applied, in order)."""
-        header = message.header
-        if self.follow.place(header) == Verdict.SEEN:
-            return  # already processed (or part of the snapshot)
-        body = message.body
+        if source == "live" or header.seq > self._snapshot_seq:  # what the daemon has open now (not the past)
+            if isinstance(body, StatusBody):
+                self._daemon_case = body.case_id
+            elif isinstance(body, CaseBody):
+                self._daemon_case = None if body.event == "closed" else body.case.case_id
+        self._session = header.session or self._session
         if isinstance(body, CaseBody):
             self._on_case(body, header.session)
         elif isinstance(body, ResultBody) and header.case_id:
             self._on_result(body, header.case_id, header.session, header.seq, header.time_ms / 1000.0, source)
         elif isinstance(body, OverlayBody) and header.case_id:
             self._on_overlay(body, message, header.case_id)
-        self.follow = self.follow.after(header)
         if header.case_id and header.topic != Topic.STATUS and header.case_id in self.folders:
             self.folders[header.case_id].save_state(session=header.session, last_seq=header.seq, case_id=header.case_id)
 
@@ -424,20 +369,15 @@ class Recorder:
         relative = f"images/{fov_id}.png"
         if folder.has_file(relative):
             return
-        if self._control is not None and self._daemon_case == folder.case_id:
-            try:
-                reply, frames = self._control.request("image", fov_id=fov_id)
+        if self.follower.connected and self._daemon_case == folder.case_id:
+            try:  # a request without an answer renews the follower's control socket (a late reply would be taken
+                reply, frames = self.follower.request("image", fov_id=fov_id)  # for the next request's)
                 if reply.ok and frames:
                     folder.write_file(relative, frames[0])
                     return
                 log.warning("image_unavailable", case_id=folder.case_id, fov=fov_id, error=reply.error)
             except ControlError as error:
                 log.warning("image_unavailable", case_id=folder.case_id, fov=fov_id, error=str(error))
-                # a DEALER does not match replies to requests: a late reply would be taken for the next request's
-                self._control.close()
-                self._control = ControlClient(
-                    self._control_endpoint, timeout_ms=self._timeout_ms, context=self._context, curve=self._curve
-                )
         if self._daemon_state is not None:
             stored = self._daemon_state / "cases" / folder.case_id / f"{fov_id}.png"
             try:
