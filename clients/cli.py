@@ -294,8 +294,9 @@ def view(
         raise _fail("no display to open a window on: use --headless-frames N --out DIR, or run it on the desktop")
     if headless_frames is not None and out is None:
         raise _fail("--headless-frames needs --out DIR for the PNG frames")
-    state = viewer.initial_state(time.monotonic(), heartbeat_s)
-    with viewer.DaemonLink(endpoints, endpoints_dir=endpoints_dir, curve=curve) as link:
+    state = viewer.initial_state(time.monotonic())
+    heartbeat_ms = heartbeat_s * 1000.0
+    with viewer.DaemonLink(endpoints, endpoints_dir=endpoints_dir, heartbeat_ms=heartbeat_ms, curve=curve) as link:
         try:
             if headless_frames is not None and out is not None:
                 state, written = viewer.run_headless(link, state, headless_frames, out, canvas)

@@ -42,9 +42,11 @@ def _client_keys(state: Path, name: str, listed: bool) -> tuple[Path, ClientKeys
 
 def _link_hears_the_daemon(endpoints: dict[str, str], keys: ClientKeys | None, within_s: float) -> bool:
     """Whether the viewer's link, with ``keys``, gets the daemon's heartbeat and a snapshot within ``within_s``."""
-    link = DaemonLink(Endpoints(endpoints["publish"], endpoints["control"]), control_timeout_ms=1000, curve=keys)
+    link = DaemonLink(
+        Endpoints(endpoints["publish"], endpoints["control"]), control_timeout_ms=1000, heartbeat_ms=300, curve=keys
+    )
     try:
-        state = link.start(initial_state(time.monotonic(), heartbeat_s=0.3))
+        state = link.start(initial_state(time.monotonic()))
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             state = link.poll(state, timeout_ms=100)

@@ -29,13 +29,28 @@ import numpy as np
 import pytest
 
 from her2scope.clients import viewer
-from her2scope.clients.viewer import Click, ImageFetched, Quit, Send, Snapshot, Tick, ViewerState, apply, press, render
+from her2scope.clients.viewer import (
+    Click,
+    ImageFetched,
+    Quit,
+    Responding,
+    Send,
+    Silent,
+    Snapshot,
+    Stale,
+    Tick,
+    ViewerState,
+    apply,
+    press,
+    render,
+)
 from her2scope.daemon.protocol import (
     CaptureBody,
     CaseBody,
     Message,
     OverlayBody,
     Topic,
+    decode,
 )
 from her2scope.scoring.overlay import LAYER_NAMES
 from tests.helpers.daemon import CONFIG, DEADLINE_S, Daemon, arrive, next_message, wait_for
@@ -114,7 +129,7 @@ def test_a_stale_preview_never_replaces_a_newer_one() -> None:
     np.testing.assert_allclose(state.preview[100, 100], (200, 0, 0), atol=6)
     restarted = Daemonish(session="fedcba9876543210")  # a restarted daemon counts frames from 0 again
     state = apply(state, restarted.preview(1, _solid((0, 0, 200))))
-    assert state.preview_frame_index == 1 and state.resync == "snapshot"
+    assert state.preview_frame_index == 1
 
 
 def test_a_capture_shows_the_fov_with_its_overlay_and_layers_toggle() -> None:
@@ -350,11 +365,12 @@ def test_well_framed_messages_with_bad_content_are_skipped_too() -> None:
     assert healthy.fovs["fov-001"].layers.keys() == set(LAYER_NAMES)
 
 
-def test_no_heartbeat_for_three_intervals_shows_not_responding() -> None:
+def test_a_silent_daemon_is_shown_as_not_responding() -> None:
+    """When the daemon is silent is the follower's to say (tests/test_follower.py); the viewer shows it."""
     daemon = Daemonish()
     state = apply(connected(daemon), daemon.preview(1, _solid((0, 200, 0))))
     assert viewer.status_segments(apply(state, Tick(2.9)))[0][0] == "daemon ok"
-    silent = apply(state, Tick(4.0))
+    silent = apply(apply(state, Tick(4.0)), Silent(3500.0))
     assert not viewer.daemon_responding(silent)
     first = viewer.status_segments(silent)[0][0]
     assert first == "daemon not responding (no heartbeat for 4 s)"
@@ -362,26 +378,21 @@ def test_no_heartbeat_for_three_intervals_shows_not_responding() -> None:
     row, col = centre(viewer.image_area(viewer.layout(SIZE).big))
     np.testing.assert_array_equal(frame[row - 20, col], (40, 40, 150))  # the banner over the live view
     assert "not responding" in viewer.terminal_summary(silent)
-    back = apply(silent, daemon.status())
+    back = apply(silent, Responding())
     assert viewer.daemon_responding(back)
     _, actions = press(silent, ord(" "))
     assert actions == (Send("capture"),)  # asked for; DaemonLink.perform refuses to send it while silent
 
 
-def test_a_new_session_asks_for_a_snapshot_and_a_gap_for_a_replay() -> None:
-    daemon = Daemonish()
-    state = apply(connected(daemon), daemon.status())
-    assert state.resync is None
-    daemon.seq += 3
-    daemon.topic_seqs[Topic.STATUS] += 2  # two heartbeats lost
-    gapped = apply(state, daemon.status())
-    assert gapped.resync == "replay" and gapped.last_seq == state.last_seq  # not applied: the replay brings it
-    restarted = Daemonish(session="fedcba9876543210")
-    state = apply(state, restarted.status())
-    assert state.resync == "snapshot" and state.session == "fedcba9876543210"
+def test_before_a_connection_the_viewer_says_it_is_connecting() -> None:
+    state = viewer.initial_state(0.0)
+    assert viewer.status_segments(apply(state, Tick(1.0)))[0][0] == "connecting…"
+    silent = apply(apply(state, Tick(3.0)), Silent(3000.0))
+    assert viewer.status_segments(silent)[0][0] == "daemon not responding (no heartbeat for 3 s)"
 
 
 def test_messages_older_than_the_snapshot_are_ignored_but_overlays_kept() -> None:
+    """The follower hands on what it does not apply as Stale (tests/test_follower.py): only an overlay is news."""
     daemon = Daemonish()
     old_result = daemon.result("fov-001", case_summary(fov_entry("fov-001", "3+")))
     old_overlay = daemon.overlay("fov-001", _layers())
@@ -392,9 +403,9 @@ def test_messages_older_than_the_snapshot_are_ignored_but_overlays_kept() -> Non
         "status": status_body(),
     }
     state = apply(viewer.initial_state(0.0), Snapshot(snapshot))
-    state = apply(state, old_result)
+    state = apply(state, Stale(decode(old_result)))
     assert state.case.fovs[0].score == "2+"  # the snapshot is newer
-    state = apply(state, old_overlay)
+    state = apply(state, Stale(decode(old_overlay)))
     assert state.fovs["fov-001"].layers and state.shown_fov == "fov-001"
 
 
@@ -507,9 +518,9 @@ def has_overlay(fov_id: str) -> Any:
 @pytest.fixture(scope="module")
 def driven(daemon: Daemon) -> Iterator[Driven]:
     endpoints = viewer.Endpoints(daemon.endpoints["publish"], daemon.endpoints["control"])
-    with viewer.DaemonLink(endpoints, control_timeout_ms=5000) as link:
-        state = link.start(viewer.initial_state(time.monotonic(), heartbeat_s=0.3))
-        assert state.resync is None and state.session is not None
+    with viewer.DaemonLink(endpoints, control_timeout_ms=5000, heartbeat_ms=300) as link:
+        state = link.start(viewer.initial_state(time.monotonic()))
+        assert state.session is not None
         running = Driven(link, state)
         running.until(lambda s: s.preview is not None and s.status is not None, "a preview and a heartbeat")
         yield running
@@ -829,8 +840,10 @@ def test_the_viewer_reconnects_to_a_restarted_daemon(daemon: Daemon, tmp_path: P
     found = viewer.resolve_endpoints(daemon.state.parent / "config.toml", daemon.state)
     endpoints, endpoints_dir, heartbeat_s = found
     assert endpoints_dir == daemon.state and heartbeat_s == pytest.approx(0.3)
-    with viewer.DaemonLink(endpoints, endpoints_dir=endpoints_dir, control_timeout_ms=1000) as link:
-        driven = Driven(link, link.start(viewer.initial_state(time.monotonic(), heartbeat_s)))
+    with viewer.DaemonLink(
+        endpoints, endpoints_dir=endpoints_dir, control_timeout_ms=1000, heartbeat_ms=heartbeat_s * 1000.0
+    ) as link:
+        driven = Driven(link, link.start(viewer.initial_state(time.monotonic())))
         state = driven.until(viewer.daemon_responding, "the daemon's heartbeat")
         session, case_id = state.session, state.case.case_id
         assert case_id is not None
@@ -843,7 +856,7 @@ def test_the_viewer_reconnects_to_a_restarted_daemon(daemon: Daemon, tmp_path: P
         try:
             assert restarted.endpoints["control"] != endpoints.control  # new random ports
             state = driven.until(
-                lambda s: s.session != session and s.resync is None and viewer.daemon_responding(s),
+                lambda s: s.session != session and viewer.daemon_responding(s),
                 "a snapshot of the restarted daemon",
             )
             assert state.case.case_id == case_id  # the daemon resumed the case

@@ -3,18 +3,20 @@
 Three layers, each testable on its own:
 
 - **state** (``state``): ``ViewerState``, a frozen dataclass, changed only by ``apply(state, event) -> state``.
-  Events are the daemon's published messages (decoded ``Message`` or raw frames; malformed ones are counted and
-  skipped) and the viewer's own: ``Tick`` (the clock), ``Snapshot``, ``ImageFetched``, ``Replied``, ``Click``,
-  ``Hover``. Keys go through ``press(state, key) -> (state, actions)``: the actions (``Send`` a command, ``Quit``)
-  are carried out by the link, whose replies come back as events.
+  Events are what the follower of the daemon hands on (``clients.follower``: ``Received`` messages, in order and
+  once, ``Stale`` ones, ``Snapshot``, ``Silent``, ``Responding``, ``Invalid`` ...), a message itself (decoded
+  ``Message`` or raw frames; malformed ones are counted and skipped) and the viewer's own: ``Tick`` (the clock),
+  ``ImageFetched``, ``Replied``, ``Click``, ``Hover``. Keys go through ``press(state, key) -> (state, actions)``: the
+  actions (``Send`` a command, ``Quit``) are carried out by the link, whose replies come back as events.
 - **rendering** (``render``, ``content``, ``geometry``, ``palette``): ``render(state, size) -> BGR ndarray`` is a pure
   function of the state. The text it draws comes from pure functions too (``status_segments``, ``panel_lines``,
   ``footer_segments``); ``terminal_summary`` is the same content as plain text for a terminal.
-- **I/O** (``link``, ``app``): ``DaemonLink`` holds the sockets: previews on a SUB socket of their own with a tiny
-  high-water mark, drained every tick keeping only the newest (a slow viewer drops frames, it never slows the
-  daemon); the other topics on a second SUB socket, in order, with gap detection (``replay``) and a ``snapshot`` at
-  start and after a daemon restart (new ``session``). ``run_window`` (OpenCV highgui) and ``run_headless`` (PNG
-  frames) only feed messages, keys and mouse events into the state and show ``render(state)``.
+- **I/O** (``link``, ``app``): ``DaemonLink`` holds the follower (``clients.follower.Follower``, the recorder's too):
+  previews on a SUB socket of their own with a tiny high-water mark, drained every tick keeping only the newest (a
+  slow viewer drops frames, it never slows the daemon); the other topics in order, with the catch-up (``snapshot``
+  and ``replay``) at start, after a gap or a daemon restart (new ``session``), and silence. ``run_window`` (OpenCV
+  highgui) and ``run_headless`` (PNG frames) only feed messages, keys and mouse events into the state and show
+  ``render(state)``.
 
 Coordinates: polygons are sent as ``[row, col]`` in full-resolution FOV pixels; the display shows the FOV at the
 overlay's width, letterboxed into its pane (``display_to_fov`` / ``fov_to_display`` map between the two).
@@ -23,6 +25,7 @@ The modules import one another in this order only: ``palette``, ``geometry`` -> 
 ``render`` -> ``link`` -> ``app``. This package re-exports their public names.
 """
 
+from her2scope.clients.follower import Received, Responding, Silent, Snapshot, Stale
 from her2scope.clients.viewer.app import WINDOW_TITLE, has_display, parse_size, run_headless, run_window
 from her2scope.clients.viewer.content import (
     Line,
@@ -64,7 +67,6 @@ from her2scope.clients.viewer.state import (
     Quit,
     Replied,
     Send,
-    Snapshot,
     Tick,
     ViewerState,
     apply,
@@ -98,11 +100,15 @@ __all__ = [
     "Layout",
     "Line",
     "Quit",
+    "Received",
     "Rect",
     "Replied",
+    "Responding",
     "Send",
+    "Silent",
     "Size",
     "Snapshot",
+    "Stale",
     "TableRow",
     "Tick",
     "ViewerState",

@@ -14,7 +14,6 @@ from her2scope.clients.viewer.state import (
     daemon_responding,
     rule_text,
     silence_s,
-    silent_after_s,
 )
 from her2scope.scoring.results import Her2Score
 
@@ -54,7 +53,7 @@ def status_segments(state: ViewerState) -> list[tuple[str, BGR]]:
     segments: list[tuple[str, BGR]] = []
     if daemon_responding(state):
         segments.append(("daemon ok", GOOD))
-    elif state.last_heard is None and silence_s(state) <= silent_after_s(state):
+    elif state.responding is None:
         segments.append(("connecting…", WARN))
     else:
         segments.append((f"daemon not responding (no heartbeat for {silence_s(state):.0f} s)", BAD))

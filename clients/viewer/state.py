@@ -11,7 +11,20 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from her2scope.clients.follower import FollowPosition, Verdict
+from her2scope.clients.follower import (
+    Connected,
+    Invalid,
+    NotFound,
+    Received,
+    Responding,
+    Resyncing,
+    Silent,
+    Snapshot,
+    Stale,
+    Synced,
+    Unreachable,
+)
+from her2scope.clients.follower import Event as FollowerEvent
 from her2scope.clients.viewer.geometry import DEFAULT_SIZE, Rect, Size, Vertex, display_to_fov, fit, image_area, layout
 from her2scope.daemon.protocol import (
     NO_CASE,
@@ -25,7 +38,6 @@ from her2scope.daemon.protocol import (
     ResultBody,
     Topic,
     decode,
-    silence_limit_ms,
 )
 from her2scope.scoring.overlay import LAYER_NAMES, compose
 from her2scope.scoring.results import FovResult
@@ -80,13 +92,17 @@ class FovView:
 
 @dataclass(frozen=True, slots=True)
 class ViewerState:
-    """Everything the viewer shows; built by ``apply`` from the messages it received (``now``: monotonic s)."""
+    """Everything the viewer shows; built by ``apply`` from what its follower hands on (``now``: monotonic s).
+
+    ``session`` and ``last_seq``: the daemon run shown and the last message applied (the follower keeps the order);
+    ``responding``: what the follower last said of the daemon (None: not heard from yet, nor silent for long).
+    """
 
     now: float = 0.0
     started_at: float = 0.0
-    heartbeat_s: float = 1.0
-    follow: FollowPosition = field(default_factory=FollowPosition)
-    resync: Literal["snapshot", "replay"] | None = "snapshot"
+    session: str | None = None
+    last_seq: int = 0
+    responding: bool | None = None
     last_heard: float | None = None
     status: Mapping[str, Any] | None = None
     status_seq: int = 0
@@ -111,20 +127,10 @@ class ViewerState:
     last_malformed: str = ""
     next_rule: tuple[str, str] | None = None  # (guideline, specimen) for key n; None: the daemon's configured one
 
-    @property
-    def session(self) -> str | None:
-        """The daemon run the viewer follows (None before it heard of one)."""
-        return self.follow.session
 
-    @property
-    def last_seq(self) -> int:
-        """The sequence number of the last message applied."""
-        return self.follow.last_seq
-
-
-def initial_state(now: float, heartbeat_s: float = 1.0) -> ViewerState:
-    """The state before anything was received; ``heartbeat_s`` is the daemon's status interval."""
-    return ViewerState(now=now, started_at=now, heartbeat_s=heartbeat_s, notice="connecting to the daemon…")
+def initial_state(now: float) -> ViewerState:
+    """The state before anything was received."""
+    return ViewerState(now=now, started_at=now, notice="connecting to the daemon…")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +138,6 @@ class Tick:
     """The clock moved on (monotonic seconds)."""
 
     now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """The reply to ``snapshot``: ``{"last_seq", "session", "case", "status"}``."""
-
-    data: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +190,8 @@ class Quit:
     """An action: close the viewer."""
 
 
-Event = Message | Sequence[bytes] | Tick | Snapshot | ImageFetched | Replied | Click | Hover
+#: What ``apply`` takes: a message (decoded, or its frames), what the follower hands on, the viewer's own events.
+Event = Message | Sequence[bytes] | Tick | FollowerEvent | ImageFetched | Replied | Click | Hover
 Action = Send | Quit
 
 
@@ -205,6 +205,21 @@ def apply(state: ViewerState, event: Event) -> ViewerState:
             return dataclasses.replace(state, now=now)
         case Snapshot():
             return _guard(state, lambda: _apply_snapshot(state, event.data), "snapshot")
+        case Received(message=message):
+            return _guard(state, lambda: _apply_message(state, message), message.header.topic.value)
+        case Stale(message=message) if message.header.topic == Topic.OVERLAY:
+            # a message the snapshot is newer than; overlays are not in snapshots, so an older one is still welcome
+            return _guard(state, lambda: _apply_overlay(state, message), "overlay")
+        case Silent():
+            return dataclasses.replace(state, responding=False)
+        case Responding():
+            return dataclasses.replace(state, responding=True)
+        case Invalid(error=error):
+            return _malformed(state, error)
+        case Unreachable(error=error):
+            return with_notice(state, f"cannot reach the daemon ({error}); retrying…", error=True)
+        case Stale() | Connected() | NotFound() | Resyncing() | Synced():
+            return state
         case ImageFetched():
             return _guard(state, lambda: _apply_image(state, event), "image")
         case Replied():
@@ -234,23 +249,12 @@ def _malformed(state: ViewerState, reason: str) -> ViewerState:
 
 
 def _apply_message(state: ViewerState, message: Message) -> ViewerState:
+    """Apply a message; which ones, in what order, is the follower's business (``clients.follower``)."""
     header = message.header
     topic = header.topic
-    verdict = state.follow.place(header)
-    if verdict == Verdict.RESTARTED:
-        # the daemon restarted: its sequence numbers start again; a snapshot replaces what we knew
-        state = dataclasses.replace(state, follow=FollowPosition(session=header.session), resync="snapshot")
-        verdict = state.follow.place(header)
-    if topic == Topic.PREVIEW:  # never replayed, so no part of the order: they only say which daemon run it is
-        if state.follow.session is None and header.session:
-            state = dataclasses.replace(state, follow=FollowPosition(session=header.session))
+    if topic == Topic.PREVIEW:  # no part of the order
         return _apply_preview(state, message)
-    if verdict == Verdict.SEEN:
-        # already part of the snapshot; overlays are not in snapshots, so an older one is still welcome
-        return _apply_overlay(state, message) if topic == Topic.OVERLAY else state
-    if verdict == Verdict.GAP:
-        return dataclasses.replace(state, resync="replay") if state.resync is None else state  # the replay brings it
-    state = dataclasses.replace(state, follow=state.follow.after(header))
+    state = dataclasses.replace(state, last_seq=header.seq)
     match topic:
         case Topic.STATUS:
             return dataclasses.replace(
@@ -306,8 +310,8 @@ def _apply_snapshot(state: ViewerState, data: Mapping[str, Any]) -> ViewerState:
     state = _with_case(state, CaseSummary.model_validate(data["case"]))
     return dataclasses.replace(
         state,
-        follow=state.follow.caught_up(str(data["session"]), int(data["last_seq"])),
-        resync=None,
+        session=str(data["session"]),
+        last_seq=int(data["last_seq"]),
         status=dict(data["status"]),
         status_seq=int(data["last_seq"]),
         last_heard=state.now,
@@ -631,14 +635,9 @@ def silence_s(state: ViewerState) -> float:
     return state.now - (state.last_heard if state.last_heard is not None else state.started_at)
 
 
-def silent_after_s(state: ViewerState) -> float:
-    """How long without a heartbeat before the daemon is taken as gone (the protocol's one definition)."""
-    return silence_limit_ms(state.heartbeat_s * 1000.0) / 1000.0
-
-
 def daemon_responding(state: ViewerState) -> bool:
-    """Whether the daemon's heartbeat came recently enough (:func:`silent_after_s`)."""
-    return state.last_heard is not None and silence_s(state) <= silent_after_s(state)
+    """Whether the follower says the daemon's heartbeat came recently enough (``Responding``, not yet ``Silent``)."""
+    return state.responding is True
 
 
 def fov_display_rect(state: ViewerState, size: Size) -> Rect | None:

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from her2scope.clients import viewer
-from her2scope.clients.viewer import Snapshot, ViewerState, apply
+from her2scope.clients.viewer import Responding, Snapshot, ViewerState, apply
 from her2scope.daemon.protocol import (
     CaptureBody,
     OverlayBody,
@@ -154,8 +154,8 @@ class Daemonish:
 
 
 def connected(daemon: Daemonish | None = None, now: float = 0.0) -> ViewerState:
-    """A viewer that has its snapshot (empty case) and a heartbeat."""
+    """A viewer that has its snapshot (empty case) and a heartbeat, and whose follower says the daemon responds."""
     daemon = daemon or Daemonish()
-    state = viewer.initial_state(now, heartbeat_s=1.0)
+    state = apply(viewer.initial_state(now), Responding())
     state = apply(state, Snapshot({"last_seq": 0, "session": SESSION, "case": case_summary(), "status": status_body()}))
     return apply(state, daemon.status())
