@@ -4,8 +4,8 @@
   factories that make them (:func:`compose_start`, :class:`Run`, :func:`fov_data`) and their JSON Schema.
 - :mod:`clients.recorder.folder`: the case folder on disk (:class:`CaseFolder`): the append-only fsynced log, atomic
   rewrites, torn-line repair, ``recorder-state.json``, retries after a full disk.
-- :mod:`clients.recorder.follow`: the :class:`Recorder` loop: subscription, gap detection, snapshot/replay resync,
-  turning the daemon's messages into documents and files.
+- :mod:`clients.recorder.follow`: the :class:`Recorder` loop: what its :class:`~her2scope.clients.follower.Follower`
+  hands on (the daemon's messages in order and once, snapshots, silence) turned into documents and files.
 """
 
 from her2scope.clients.recorder.documents import (
