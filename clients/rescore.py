@@ -352,6 +352,13 @@ def _rescore_fovs(case: RecordedCase, params: ScoringParams, rule: CaseRule) -> 
     return done
 
 
+def rescored_results(case: RecordedCase) -> tuple[dict[str, FovResult | None], dict[str, str]]:
+    """Every recorded FOV scored again with the recorded parameters (which reproduce the recorded results): its
+    result (None when it failed) by FOV, and why each FOV that failed did."""
+    done = _rescore_fovs(case, case.recorded_params(), case.start.rule)
+    return done.results, done.errors
+
+
 def _compare_fovs(case: RecordedCase, rescored: _Rescored) -> list[dict[str, Any]]:
     """Per recorded FOV: its recorded and its new status, counts and score, and whether they are the same."""
     fovs = []
@@ -462,7 +469,9 @@ def _write_result(
             ),
             "error": None if result else comparison_error(comparison, fov_id),
         }
-        data = fov_data(fov_id, body, summary).model_copy(update={"image": f"../{event.data.image}"})
+        data = fov_data(fov_id, body, summary).model_copy(
+            update={"image": f"../{event.data.image}", "result_file": None, "ome_tiff": None, "geojson": None}
+        )
         if fov_id in rescored.analyses:
             analysis = rescored.analyses[fov_id]
             width = min(960, analysis.image.fov_shape[1])

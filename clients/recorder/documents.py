@@ -97,6 +97,9 @@ class FovData(_Doc):
     image: str
     overlay: str
     overlay_layers: str
+    result_file: str | None = Field(None, description="The FOV's whole result (its cells included), relative")
+    ome_tiff: str | None = Field(None, description="The field as a calibrated OME-TIFF (for QuPath, Fiji), relative")
+    geojson: str | None = Field(None, description="Its cells and regions as QuPath's GeoJSON, relative")
     case_score: str | None = Field(description="The running case score after this FOV")
     case_status: str | None
 
@@ -186,6 +189,9 @@ FOV_DATA_KEYS: dict[str, DataKey] = {
     "image": DataKey(dtype="string", description="path of the lossless PNG (BGR as captured), relative"),
     "overlay": DataKey(dtype="string", description="path of the composed overlay PNG, relative"),
     "overlay_layers": DataKey(dtype="string", description="folder of the RGBA layer PNGs, relative"),
+    "result_file": DataKey(dtype="string", description="path of the whole result JSON (cells included), relative"),
+    "ome_tiff": DataKey(dtype="string", description="path of the calibrated OME-TIFF of the field, relative"),
+    "geojson": DataKey(dtype="string", description="path of the cells and regions as QuPath GeoJSON, relative"),
     "case_score": DataKey(dtype="string", description="running case score after this FOV"),
     "case_status": DataKey(dtype="string", description="running case status after this FOV"),
 }
@@ -341,6 +347,11 @@ def fov_data(
     result = (result_body or {}).get("result")
     if result is not None:
         call = result["call"]
+        refs |= {  # written beside the event by CaseFolder.write_exports
+            "result_file": f"results/{fov_id}.json",
+            "ome_tiff": f"qupath/{fov_id}.ome.tif",
+            "geojson": f"qupath/{fov_id}.geojson",
+        }
         return FovData(
             counts=result["counts"],
             total=sum(result["counts"].values()),

@@ -8,6 +8,9 @@ Folder layout (``<out>/<case_id>/``, mode 0o700, files 0o600)::
     images/<fov_id>.png     the captured FOV / control, lossless, byte for byte the daemon's file
     overlays/<fov_id>/<layer>.png   the overlay layers (RGBA) of the FOV's latest result
     overlays/<fov_id>.png   the default layers composed over the downscaled image, for the report
+    results/<fov_id>.json   the FOV's latest whole result, its cells included (``FovResult``)
+    qupath/<fov_id>.ome.tif the field as a lossless OME-TIFF calibrated in µm (QuPath, Fiji)
+    qupath/<fov_id>.geojson its cells, tumour region and ROI as QuPath objects (``clients.qupath``)
     report.html             for people; rewritten atomically after every change, final at stop
 
 A torn last line (a crash mid-write) is truncated at the next start; the message it held is replayed.
@@ -28,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from her2scope.clients.recorder.documents import DOCUMENT, ActionDoc, EventDoc, Run, StopDoc, document_schema
 from her2scope.daemon.protocol import CaseSummary
+from her2scope.scoring.results import FovResult
 
 log = structlog.get_logger(__name__)
 
@@ -236,6 +240,35 @@ class CaseFolder:
             )
             return False
         return True
+
+    def roi(self, fov_id: str) -> list[list[float]] | None:
+        """The FOV's ROI polygon ([row, col] FOV pixels) as the recorded ``set-roi`` actions left it."""
+        polygon = None
+        for doc in self.docs:
+            if isinstance(doc, ActionDoc) and doc.action == "set-roi" and doc.args.get("fov_id") == fov_id:
+                polygon = doc.args.get("polygon") or None
+        return polygon
+
+    def write_exports(self, fov_id: str, result: FovResult | None) -> None:
+        """Write a scored FOV's whole result and its QuPath files (see the layout above) beside its event.
+
+        Call it after the FOV's event (and its image) were added, and the ROI actions before it. A failure is
+        logged and costs these files only (``her2scope export`` can make them again), never the record.
+        """
+        if result is None:
+            return
+        from her2scope.clients.qupath import qupath_files, result_path
+
+        try:
+            self.write_file(result_path(fov_id), result.model_dump_json().encode())
+            files = qupath_files(
+                fov_id, result, self.read_file(f"images/{fov_id}.png"), self.roi(fov_id), f"{self.case_id}/{fov_id}"
+            )
+        except Exception as error:  # the exports are derived data: the event and the image are the record
+            log.error("export_failed", case_dir=str(self.path), fov=fov_id, error=f"{type(error).__name__}: {error}")
+            return
+        for relative, data in files.items():
+            self.write_file(relative, data)
 
     def save_state(self, **update: Any) -> None:
         """Update ``recorder-state.json`` (atomically)."""
