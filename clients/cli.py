@@ -164,17 +164,25 @@ def record(
     daemon_state: DaemonStateOption = None,
     json_logs: JsonLogsOption = None,
     key: KeyOption = None,
+    pdf: Annotated[
+        bool, typer.Option("--pdf", help="Print each closed case's report to report.pdf too (needs Chromium).")
+    ] = False,
 ) -> None:
-    """Record every case of the daemon: event log, lossless images, overlays and an HTML report per case."""
+    """Record every case of the daemon: event log, lossless images, overlays, QuPath files and an HTML report per
+    case."""
     import signal
 
     from her2scope.clients.control import live_endpoints
+    from her2scope.clients.export import ReportPrinter, find_chromium, no_chromium_message
     from her2scope.clients.recorder import Recorder
     from her2scope.config.app import ConfigError, load_config
     from her2scope.daemon.curve import CurveError, client_keys
     from her2scope.logs import configure_logging
 
     configure_logging(json_logs)
+    chromium = find_chromium() if pdf else None
+    if pdf and chromium is None:
+        raise _fail(no_chromium_message())
     try:
         app_config = load_config(config)
         state = (daemon_state or app_config.daemon.state.directory).expanduser()
@@ -199,7 +207,47 @@ def record(
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: stopping.append(signum))
-    recorder.run(lambda: bool(stopping))
+    printer = ReportPrinter(chromium) if chromium is not None else None
+
+    def should_stop() -> bool:
+        if printer is not None:  # between turns of the loop: prints the reports of the cases closed so far
+            printer.update(recorder.folders.values())
+        return bool(stopping)
+
+    try:
+        recorder.run(should_stop)
+    finally:
+        if printer is not None:
+            printer.update(recorder.folders.values())
+            printer.finish()
+
+
+@app.command()
+def export(
+    case_dir: Annotated[Path, typer.Argument(help="A case folder written by `her2scope record`.", show_default=False)],
+    formats: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            help="qupath (an OME-TIFF and a GeoJSON per FOV, in qupath/) or csv (cells.csv, fovs.csv); "
+            "repeatable [default: both].",
+        ),
+    ] = None,
+    pdf: Annotated[bool, typer.Option("--pdf", help="Print the report to report.pdf too (needs Chromium).")] = False,
+) -> None:
+    """Write a recorded case's files for QuPath and spreadsheets, and its report as PDF, into its folder."""
+    from her2scope.clients.export import FORMATS, ExportError, export_case
+
+    try:
+        written, notes = export_case(case_dir, formats or FORMATS, pdf=pdf)
+    except ExportError as error:
+        raise _fail(str(error)) from None
+    except OSError as error:
+        raise _fail(f"{error.filename or case_dir}: {error.strerror or error}") from None
+    for note in notes:
+        typer.echo(f"note: {note}")
+    for relative in written:
+        typer.echo(f"wrote {case_dir / relative}")
 
 
 @app.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -61,6 +61,8 @@ figcaption{font-size:13px;padding-top:6px}
 .chart{background:#fff;border-radius:8px;padding:10px}
 .small{font-size:12px;color:#666}
 code{font-size:12px}
+@page{size:A4;margin:10mm}
+@media print{body{background:#fff}main{padding:0}figure,tr,.result{break-inside:avoid}}
 """
 
 
@@ -192,12 +194,16 @@ def render_report(
     files_prefix: str = "",
     banner: str | None = None,
     generated: float | None = None,
+    exports: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    tables: Sequence[str] = (),
 ) -> str:
     """The HTML report of a case from its documents (start, events, actions, stop) and, while the case is open,
     the daemon's latest case ``summary`` (excluded FOVs, running score).
 
     ``files_prefix`` is prepended to the documents' relative file paths (e.g. ``"../"`` for a report written in
-    a sub-folder); ``banner`` is shown at the top (e.g. what a re-score changed).
+    a sub-folder); ``banner`` is shown at the top (e.g. what a re-score changed). Each FOV links its files for
+    QuPath: ``exports`` (FOV → (label, relative path)) when given, else those its event names; ``tables`` are
+    the relative paths of the case's CSV files, linked under the FOV table.
     """
     start = next(iter(_of(docs, "start")), None)
     stops = _of(docs, "stop")
@@ -305,6 +311,9 @@ def render_report(
         out.extend(f"<td>{counts.get(c, 0)} ({percentages.get(c, 0.0):.1f}%)</td>" for c in CLASSES)
         out.append(f"<td>{_e(case.get('score') or 'n/a')}</td><td></td><td></td></tr>")
     out.append("</table>")
+    if tables:
+        links = " · ".join(f"<a href='{_e(files_prefix + t)}'>{_e(t)}</a>" for t in tables)
+        out.append(f"<div class='small'>Spreadsheets: {links} (one row per cell, one row per FOV).</div>")
 
     # overlays
     out.append("<h2>Overlays</h2><div class='small'>Dots: counted tumour cells by class (colours as above); rings: ")
@@ -317,10 +326,11 @@ def render_report(
         src = files_prefix + (_field(data, "overlay") or f"overlays/{fov_id}.png")
         score = _field(data, "score") or "n/a"
         note = " — excluded" if fov_id in excluded else ""
+        files = _export_links(event, exports, files_prefix)
         out.append(
             f"<figure><a href='{_e(files_prefix + _field(data, 'image'))}'><img src='{_e(src)}' "
             f"alt='overlay of {_e(fov_id)}'></a><figcaption><b>{_e(fov_id)}</b> ({_e(_field(event, 'kind'))}) "
-            f"score {_e(score)}, {_field(data, 'total')} cells{note}</figcaption></figure>"
+            f"score {_e(score)}, {_field(data, 'total')} cells{note}{files}</figcaption></figure>"
         )
     out.append("</div>")
 
@@ -353,6 +363,23 @@ def write_report(docs: Sequence[BaseModel], summary: CaseSummary | None = None) 
     import time
 
     return render_report(docs, summary, generated=time.time())
+
+
+def _export_links(event: BaseModel, exports: Mapping[str, Sequence[tuple[str, str]]] | None, prefix: str) -> str:
+    """A line "QuPath: OME-TIFF · GeoJSON" linking a FOV's files (given, or named by its event), or nothing."""
+    if exports is not None:
+        links = list(exports.get(_field(event, "fov_id"), ()))
+    else:
+        data = _field(event, "data")
+        links = [
+            (label, path)
+            for label, path in (("OME-TIFF", _field(data, "ome_tiff")), ("GeoJSON", _field(data, "geojson")))
+            if path
+        ]
+    if not links:
+        return ""
+    anchors = " · ".join(f"<a href='{_e(prefix + path)}'>{_e(label)}</a>" for label, path in links)
+    return f"<br><span class='small'>QuPath: {anchors}</span>"
 
 
 def _excluded(actions: Sequence[BaseModel], summary: CaseSummary | None, stop: BaseModel | None) -> set[Any]:
