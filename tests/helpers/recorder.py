@@ -22,9 +22,17 @@ ROI = [[20.0, 20.0], [20.0, 700.0], [500.0, 700.0], [500.0, 20.0]]
 
 class RecorderProcess:
     """``her2scope record`` as a subprocess, logging JSON lines to a file; with ``state``, it may read the daemon's
-    state folder, with ``key``, it authenticates with that CURVE key."""
+    state folder, with ``key``, it authenticates with that CURVE key; ``options`` are more of its options."""
 
-    def __init__(self, config: Path, out: Path, state: Path | None, log_path: Path, key: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        out: Path,
+        state: Path | None,
+        log_path: Path,
+        key: Path | None = None,
+        options: tuple[str, ...] = (),
+    ) -> None:
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
         self.process = subprocess.Popen(
@@ -32,6 +40,7 @@ class RecorderProcess:
                 *(sys.executable, "-m", "her2scope", "record", "--config", str(config), "--out", str(out)),
                 *(("--daemon-state", str(state)) if state is not None else ()),
                 *(("--key", str(key)) if key is not None else ()),
+                *options,
                 "--json-logs",
             ],
             stdout=self.log,
@@ -83,9 +92,10 @@ class Setup:
         self.daemon.control.call("auto-capture", enabled=False)
         return self.daemon
 
-    def recorder(self) -> RecorderProcess:
+    def recorder(self, *options: str) -> RecorderProcess:
+        """``her2scope record`` (with ``options``, e.g. ``--pdf``) into ``out``, reading the daemon's state folder."""
         recorder = RecorderProcess(
-            self.config, self.out, self.state, self.root / f"recorder-{len(self._recorders) + 1}.log"
+            self.config, self.out, self.state, self.root / f"recorder-{len(self._recorders) + 1}.log", options=options
         )
         self._recorders.append(recorder)
         return recorder
