@@ -230,7 +230,7 @@ def test_a_full_disk_is_reported_and_corrupts_nothing(setup: Setup, monkeypatch:
 
 # resynchronisation: the daemon appears late, restarts, or falls silent
 
-SILENCE_S = 2.0  # the recorder's silence limit: max(5 heartbeats, 2 s), heartbeat_ms = 300 in CONFIG
+SILENCE_S = 2.0  # the recorder's silence limit: max(3 heartbeats, 2 s), heartbeat_ms = 300 in CONFIG
 
 
 def wait_for_log(recorder: RecorderProcess, predicate: Any, what: str) -> list[dict[str, Any]]:
@@ -334,13 +334,12 @@ def test_a_silent_daemon_is_resynchronised_without_duplicates(setup: Setup) -> N
         session = daemon.control.call("snapshot")["session"]
         wait_for_log(recorder, logged("recorder_sync", why="start"), "the first sync")
         daemon.process.send_signal(signal.SIGSTOP)  # alive (its pid and ports stay), but it says nothing
-        stopped_at = time.monotonic()
         try:
             entries = wait_for_log(recorder, logged("daemon_silent"), "the recorder to notice the silence")
         finally:
             daemon.process.send_signal(signal.SIGCONT)
-        assert time.monotonic() - stopped_at >= SILENCE_S
         silent = next(e for e in entries if e.get("event") == "daemon_silent")
+        # counted from the last heartbeat heard, up to a heartbeat before the stop (not from the stop: that would race)
         assert silent["silent_ms"] >= SILENCE_S * 1000
         n_silent = len(entries)
         resynced = wait_for_log(
