@@ -98,11 +98,6 @@ def test_export_writes_qupath_files_and_tables_of_a_recorded_case(recorded: Path
     assert all(f"href='qupath/{fov_id}.geojson'" in report for fov_id in events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs Recorder._on_result (clients/recorder/follow.py) to call folder.write_exports(body.fov_id, "
-    "body.result) after folder.append(event): remove this mark with that line",
-)
 def test_the_recorder_writes_the_qupath_files_as_it_records(recorded: Path) -> None:
     """Every scored FOV's whole result, OME-TIFF and GeoJSON, beside its event, before any export."""
     for fov_id, event in latest_events(recorded).items():

@@ -336,6 +336,7 @@ class Recorder:
             data=fov_data(body.fov_id, body.model_dump(mode="json"), body.case),
         )
         folder.append(event)
+        folder.write_exports(body.fov_id, body.result)
         log.info(
             "fov_recorded",
             case_id=case_id,
