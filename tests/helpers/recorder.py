@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from her2scope.clients.control import ControlError
 from tests.helpers.daemon import CONFIG, Daemon, arrive, json_lines, wait_for
 from tests.helpers.processes import ROOT, die_with_parent
 
@@ -135,8 +136,7 @@ def records_a_capture(daemon: Daemon, recorder: RecorderProcess, out: Path, case
     try:
         daemon.control.call("auto-capture", enabled=False)
         daemon.control.call("start-case", case_id=case_id)
-        wait_for(lambda: daemon.control.call("status")["camera"]["state"] == "live", what="the camera")
-        fov_id = daemon.control.call("capture")["fov_id"]
+        fov_id = capture_when_live(daemon)
         events = out / case_id / "events.jsonl"
         wait_for(
             lambda: events.exists() and f'"{fov_id}"' in events.read_text() and "scored" in events.read_text(),
@@ -145,6 +145,24 @@ def records_a_capture(daemon: Daemon, recorder: RecorderProcess, out: Path, case
     finally:
         recorder.stop()
     return str(fov_id)
+
+
+def capture_when_live(daemon: Daemon) -> str:
+    """Capture as soon as the daemon has a live frame (the camera reports live a moment before the daemon holds its
+    first frame); the FOV's id."""
+    captured: list[str] = []
+
+    def attempt() -> bool:
+        try:
+            captured.append(str(daemon.control.call("capture")["fov_id"]))
+        except ControlError as error:
+            if "no live frame" not in str(error):
+                raise
+            return False
+        return True
+
+    wait_for(attempt, what="a live frame to capture")
+    return captured[0]
 
 
 def start_daemon_setup(root: Path) -> Setup:
