@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from her2scope.scoring.cells import N_RAYS, counted_region, ring_points
 from her2scope.scoring.results import Cell, FovResult, Her2Score
 
 #: The overlays' class colours (scoring.overlay.CLASS_COLOURS), so QuPath shows the classes as her2scope does.
@@ -51,8 +52,6 @@ REGION_COLOUR = (0, 200, 220)
 ROI_COLOUR = (255, 255, 255)
 #: The tumour region is drawn on a grid of about this pixel size and its rings joined by a closing of this radius
 #: (as ``scoring.pipeline`` draws the region the cells were counted in).
-_REGION_GRID_UM = 2.0
-_REGION_JOIN_UM = 2.0
 #: Vertices of the circle drawn for a nucleus.
 _NUCLEUS_VERTICES = 16
 _ID_NAMESPACE = uuid.UUID("5d0b8f0e-6a43-4a35-9c55-2f6f3a0f5b1e")
@@ -179,10 +178,10 @@ def _closed(points_xy: npt.NDArray[np.float64]) -> list[Position]:
 
 
 def ring_xy(cell: Cell, pixel_size_um: float) -> npt.NDArray[np.float64]:
-    """(N, 2) (x, y) FOV pixels of ``cell``'s ring: ray k at angle 2πk/N from +x (+col) towards +y (+row)."""
-    radii = np.asarray(cell.ring_radii_um, dtype=np.float64) / pixel_size_um
-    angles = 2.0 * math.pi * np.arange(len(radii)) / max(1, len(radii))
-    return np.stack([cell.col + radii * np.cos(angles), cell.row + radii * np.sin(angles)], axis=1)
+    """(N, 2) (x, y) FOV pixels of ``cell``'s ring (its rays as :func:`her2scope.scoring.cells.ring_points` casts
+    them: ray k at angle 2πk/N from +x (+col) towards +y (+row))."""
+    radii = np.asarray(cell.ring_radii_um, dtype=np.float64)[None, :] / pixel_size_um
+    return ring_points(np.array([[cell.row, cell.col]]), radii)[0, :, ::-1]
 
 
 def _polygon_area(points_xy: npt.NDArray[np.float64]) -> float:
@@ -203,20 +202,15 @@ def tumour_region(
     cells: Sequence[Cell], pixel_size_um: float, shape: tuple[int, int]
 ) -> list[list[npt.NDArray[np.float64]]]:
     """The region the cells were counted in, as polygons of (x, y) FOV pixel rings (outer ring first, then holes):
-    their rings filled on a grid of about 2 µm and joined by a 2 µm closing, like the overlay's region layer."""
+    :func:`her2scope.scoring.cells.counted_region` of their rings, as the overlay's region layer draws it."""
     import cv2
 
-    from her2scope.scoring import morphology
-
-    ringed = [c for c in cells if len(c.ring_radii_um) >= 3]
+    ringed = [c for c in cells if len(c.ring_radii_um) == N_RAYS]
     if not ringed:
         return []
-    scale = max(1, round(_REGION_GRID_UM / pixel_size_um))
-    small = np.zeros((max(1, shape[0] // scale), max(1, shape[1] // scale)), dtype=np.uint8)
-    rings = [np.rint((ring_xy(c, pixel_size_um) + 0.5) / scale - 0.5).astype(np.int32) for c in ringed]
-    cv2.fillPoly(small, rings, 1)
-    small = morphology.close(small.astype(bool), _REGION_JOIN_UM / (pixel_size_um * scale)).astype(np.uint8)
-    contours, hierarchy = cv2.findContours(small, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    rings_rc = np.stack([ring_xy(c, pixel_size_um)[:, ::-1] for c in ringed])
+    region, scale = counted_region(rings_rc, shape, pixel_size_um)
+    contours, hierarchy = cv2.findContours(region.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return []
 

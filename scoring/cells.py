@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from her2scope.config.scoring import Guideline
+from her2scope.scoring import morphology
 from her2scope.scoring.morphology import BoolArray
 from her2scope.scoring.results import Her2Score, MembranePattern
 from her2scope.scoring.stains import StainDensities
@@ -64,6 +65,27 @@ def ring_points(centres: F64, radii: F64) -> F64:
     """(K, N, 2) (row, col) points of K rings of N rays: ``radii`` (K, N) along each ray from ``centres`` (K, 2),
     in the same units as both."""
     return centres[:, None, :] + radii[:, :, None] * ray_directions(radii.shape[1])[None, :, :]
+
+
+#: The region the cells were counted in is drawn on a grid of about this pitch (a coarse outline) ...
+REGION_GRID_UM = 2.0
+#: ... and their rings are joined across the membranes and gaps between neighbours by a closing of this radius (the
+#: nests they form).
+REGION_JOIN_UM = 2.0
+
+
+def counted_region(rings_rc: F64, shape: tuple[int, ...], pixel_size_um: float) -> tuple[BoolArray, int]:
+    """Where cells were counted: their rings ((K, N, 2) (row, col) points in pixels of ``pixel_size_um``, as
+    :func:`ring_points` gives them) filled and joined by a closing of ``REGION_JOIN_UM``, on a grid of about
+    ``REGION_GRID_UM``; the grid's mask and its pitch in pixels (grid sample (i, j) covers pixels
+    [i·pitch, (i + 1)·pitch) × [j·pitch, (j + 1)·pitch) of an image of ``shape``)."""
+    pitch = max(1, round(REGION_GRID_UM / pixel_size_um))
+    small = np.zeros((max(1, shape[0] // pitch), max(1, shape[1] // pitch)), dtype=np.uint8)
+    if len(rings_rc):
+        points_rc = (np.asarray(rings_rc, dtype=np.float64) + 0.5) / pitch - 0.5
+        cv2.fillPoly(small, list(np.rint(points_rc[:, :, ::-1]).astype(np.int32)), 1)
+        return morphology.close(small.astype(bool), REGION_JOIN_UM / (pixel_size_um * pitch)), pitch
+    return small.astype(bool), pitch
 
 
 @dataclass(frozen=True, slots=True)

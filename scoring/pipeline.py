@@ -49,8 +49,6 @@ from her2scope.scoring.stains import ChannelOrder
 _REGION_PIXEL_SIZE_UM = 2.0
 #: D_weak and D_intense (dilations by a cell radius) are evaluated at about this pixel size.
 _DILATION_PIXEL_SIZE_UM = 1.0
-#: Per-cell method: the counted cells' rings closed by this radius are the region they were counted in (their nests).
-_REGION_JOIN_UM = 2.0
 #: Haematoxylin + DAB OD (smoothed over 1 µm) at most this on glass, at least this in tissue (a lumen is glass).
 _GLASS_MAX_OD = 0.05
 
@@ -411,17 +409,9 @@ def _per_cell(
 def _cells_region(
     centres: npt.NDArray[np.float64], radii_px: npt.NDArray[np.float64], shape: tuple[int, ...], px: float
 ) -> BoolArray:
-    """Where the cells were counted: their rings, joined across the membranes and gaps between neighbours by a
-    closing of ``_REGION_JOIN_UM`` (the nests they form). A coarse outline: drawn on a grid of about
-    ``_REGION_PIXEL_SIZE_UM`` and brought back to ``shape``."""
-    scale = max(1, round(_REGION_PIXEL_SIZE_UM / px))
-    small_shape = (max(1, shape[0] // scale), max(1, shape[1] // scale))
-    small = np.zeros(small_shape, dtype=np.uint8)
-    if len(centres):
-        points_rc = (cells_module.ring_points(centres, radii_px) + 0.5) / scale - 0.5
-        cv2.fillPoly(small, list(np.rint(points_rc[:, :, ::-1]).astype(np.int32)), 1)
-        small = morphology.close(small.astype(bool), _REGION_JOIN_UM / (px * scale)).astype(np.uint8)
-    full = cv2.resize(small, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    """Where the cells were counted (:func:`cells.counted_region`), brought back to ``shape``."""
+    small, _ = cells_module.counted_region(cells_module.ring_points(centres, radii_px), shape, px)
+    full = cv2.resize(small.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return np.asarray(full, dtype=bool)
 
 
