@@ -35,6 +35,8 @@ import structlog
 
 from her2scope.clients.qupath import decode_rgb, geojson_path, ome_tiff_path, qupath_files, result_path
 from her2scope.clients.recorder import REPORT_FILE, CaseFolder, EventDoc, atomic_write
+from her2scope.clients.report import render_report
+from her2scope.clients.rescore import RecordedCase, RescoreError, rescored_results
 from her2scope.scoring.results import HER2_SCORES, FovResult
 
 log = structlog.get_logger(__name__)
@@ -160,8 +162,6 @@ def _read_results(case: Any) -> tuple[dict[str, FovResult], list[str]]:
     """The whole result of every scored FOV: recorded, or scored again from its image; and notes on how."""
     from pydantic import ValidationError
 
-    from her2scope.clients.rescore import rescored_results
-
     results: dict[str, FovResult] = {}
     missing: list[str] = []
     for fov_id, event in case.latest.items():
@@ -201,8 +201,6 @@ def export_case(case_dir: Path, formats: Iterable[str] = FORMATS, *, pdf: bool =
     ExportError
         Not a case folder, an unreadable log, result or image, an unknown format, no Chromium for ``pdf``.
     """
-    from her2scope.clients.report import render_report
-    from her2scope.clients.rescore import RecordedCase, RescoreError
 
     chosen = set(formats)
     if unknown := chosen - set(FORMATS):

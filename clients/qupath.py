@@ -29,29 +29,23 @@ from __future__ import annotations
 import io
 import math
 import uuid
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
+import cv2
 import numpy as np
 import numpy.typing as npt
+import tifffile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from her2scope.scoring.cells import N_RAYS, counted_region, ring_points
+from her2scope.scoring.overlay import CLASS_COLOURS, REGION_COLOUR
 from her2scope.scoring.results import Cell, FovResult, Her2Score
 
-#: The overlays' class colours (scoring.overlay.CLASS_COLOURS), so QuPath shows the classes as her2scope does.
-CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
-    "0": (40, 120, 255),
-    "1+": (242, 211, 0),
-    "2+": (255, 140, 0),
-    "3+": (230, 20, 20),
-}
 TUMOUR_REGION = "Tumour region (cells counted)"
 ROI_NAME = "ROI"
-REGION_COLOUR = (0, 200, 220)
 ROI_COLOUR = (255, 255, 255)
-#: The tumour region is drawn on a grid of about this pixel size and its rings joined by a closing of this radius
-#: (as ``scoring.pipeline`` draws the region the cells were counted in).
 #: Vertices of the circle drawn for a nucleus.
 _NUCLEUS_VERTICES = 16
 _ID_NAMESPACE = uuid.UUID("5d0b8f0e-6a43-4a35-9c55-2f6f3a0f5b1e")
@@ -203,7 +197,6 @@ def tumour_region(
 ) -> list[list[npt.NDArray[np.float64]]]:
     """The region the cells were counted in, as polygons of (x, y) FOV pixel rings (outer ring first, then holes):
     :func:`her2scope.scoring.cells.counted_region` of their rings, as the overlay's region layer draws it."""
-    import cv2
 
     ringed = [c for c in cells if len(c.ring_radii_um) == N_RAYS]
     if not ringed:
@@ -250,7 +243,7 @@ def cell_feature(cell: Cell, pixel_size_um: float, feature_id: uuid.UUID) -> Fea
     ring = ring_xy(cell, pixel_size_um) if len(cell.ring_radii_um) >= 3 else None
     properties = Properties(
         objectType="cell" if ring is not None else "detection",
-        classification=Classification(name=her2_class, color=CLASS_COLOURS[her2_class]),
+        classification=Classification(name=her2_class, color=CLASS_COLOURS[cell.her2_class]),
         measurements=_measurements(cell, pixel_size_um, ring),
         metadata={"Membrane pattern": cell.pattern.value} if cell.pattern is not None else {},
     )
@@ -329,7 +322,6 @@ def ome_tiff_bytes(rgb: npt.NDArray[np.uint8], pixel_size_um: float, *, name: st
     """A lossless (deflate) OME-TIFF of an (M, N, 3) uint8 RGB field with its physical pixel size in µm: in the OME
     XML (``PhysicalSizeX``/``Y``, read by QuPath and Fiji's Bio-Formats) and in the TIFF resolution tags (pixels
     per cm, read by ImageJ's own TIFF reader)."""
-    import tifffile
 
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"an (M, N, 3) uint8 RGB image is needed, got {rgb.shape} {rgb.dtype}")
@@ -360,9 +352,6 @@ def ome_tiff_bytes(rgb: npt.NDArray[np.uint8], pixel_size_um: float, *, name: st
 
 def ome_pixel_size_um(data: bytes) -> tuple[float, float]:
     """(x, y) µm per pixel of an OME-TIFF, read from its OME XML; ValueError when it has none in µm."""
-    import xml.etree.ElementTree as ElementTree
-
-    import tifffile
 
     with tifffile.TiffFile(io.BytesIO(data)) as tiff:
         xml = tiff.ome_metadata
@@ -397,7 +386,6 @@ def geojson_path(fov_id: str) -> str:
 
 def decode_rgb(png: bytes | None) -> npt.NDArray[np.uint8] | None:
     """The RGB pixels of a recorded image (a PNG as the daemon captured it, BGR); None when it cannot be read."""
-    import cv2
 
     if not png:
         return None

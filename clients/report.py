@@ -16,11 +16,12 @@ from pydantic import BaseModel
 
 from her2scope.config.scoring import Guideline
 from her2scope.daemon.protocol import CaseSummary
+from her2scope.scoring import overlay
 from her2scope.scoring.case import GUIDELINE_SOURCES
 from her2scope.scoring.results import HER2_SCORES as CLASSES
 
 #: The overlays' class colours (scoring.overlay.CLASS_COLOURS), so chart, table and pictures agree.
-CLASS_COLOURS = {"0": "#2878ff", "1+": "#f2d300", "2+": "#ff8c00", "3+": "#e61414"}
+CLASS_COLOURS = {score.value: "#{:02x}{:02x}{:02x}".format(*rgb) for score, rgb in overlay.CLASS_COLOURS.items()}
 STATUS_COLOURS = {
     "positive": "#b3001b",
     "equivocal, reflex ISH": "#c46a00",

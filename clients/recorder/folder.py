@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from her2scope.clients.qupath import qupath_files, result_path
 from her2scope.clients.recorder.documents import DOCUMENT, ActionDoc, EventDoc, Run, StopDoc, document_schema
 from her2scope.daemon.protocol import CaseSummary
 from her2scope.scoring.results import FovResult
@@ -257,8 +258,6 @@ class CaseFolder:
         """
         if result is None:
             return
-        from her2scope.clients.qupath import qupath_files, result_path
-
         try:
             self.write_file(result_path(fov_id), result.model_dump_json().encode())
             files = qupath_files(
