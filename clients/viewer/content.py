@@ -15,6 +15,7 @@ from her2scope.clients.viewer.state import (
     rule_text,
     silence_s,
 )
+from her2scope.scoring.case import GUIDELINE_SOURCES
 from her2scope.scoring.results import Her2Score
 
 HELP: tuple[tuple[str, str], ...] = (
@@ -136,7 +137,8 @@ def fov_table(state: ViewerState) -> list[TableRow]:
 
 
 def case_lines(state: ViewerState) -> list[Line]:
-    """The running case summary: score, status, HER2-low/ultralow, percentages, control, warnings."""
+    """The running case summary: score, status, why (the rule's branch that decided, and the rule), HER2-low or
+    ultralow, percentages, control, warnings."""
     case = state.case
     case_id = case.case_id
     if case_id is None:
@@ -153,6 +155,9 @@ def case_lines(state: ViewerState) -> list[Line]:
     score = result.score
     lines.append(Line(_score_text(score), CLASS_BGR.get(str(score), TEXT), "score"))
     lines.append(Line(str(result.status), TEXT))
+    lines.append(Line(result.reason, TEXT, "small"))
+    rule = rule_text(result.guideline.value, result.specimen.value)
+    lines.append(Line(f"rule: {rule} ({GUIDELINE_SOURCES[result.guideline]})", MUTED, "small"))
     if result.her2_low:
         lines.append(Line("HER2-low", ACCENT))
     elif result.zero_subtype is not None:
@@ -171,8 +176,6 @@ def case_lines(state: ViewerState) -> list[Line]:
     warnings = list(result.warnings)
     if not control and not any("positive control" in w for w in warnings):
         warnings.insert(0, "no positive control: press k with the control tissue in view")
-    if result.reason and not warnings and score is None:
-        lines.append(Line(result.reason, MUTED, "small"))
     lines.extend(Line(f"! {w}", WARN, "small") for w in warnings)
     return lines
 

@@ -19,6 +19,7 @@ from her2scope.clients.viewer.state import (
     ImageFetched,
     Quit,
     Replied,
+    Send,
     Tick,
     ViewerState,
     apply,
@@ -144,16 +145,21 @@ class DaemonLink:
         for action in actions:
             if isinstance(action, Quit):
                 return state, True
-            if not daemon_responding(state):
-                state = apply(state, Replied(action.command, False, error="the daemon is not responding; not sent"))
-                continue
+            state, _ = self.send(state, action)
+        return state, False
+
+    def send(self, state: ViewerState, action: Send) -> tuple[ViewerState, Replied]:
+        """Send one command (not while the daemon is silent); the new state and the reply, as ``apply`` took it."""
+        if not daemon_responding(state):
+            replied = Replied(action.command, False, error="the daemon is not responding; not sent")
+        else:
             try:
                 data, _ = self.request(action.command, **action.args)
             except ControlError as error:
-                state = apply(state, Replied(action.command, False, error=str(error)))
+                replied = Replied(action.command, False, error=str(error))
             else:
-                state = apply(state, Replied(action.command, True, data))
-        return state, False
+                replied = Replied(action.command, True, data)
+        return apply(state, replied), replied
 
     def _fetch_image(self, state: ViewerState) -> ViewerState:
         fov = state.fovs.get(image_wanted(state) or "")
