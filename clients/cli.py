@@ -303,12 +303,18 @@ def demo(
     keep_running: Annotated[
         bool, typer.Option("--keep-running", help="Keep everything running after the case.")
     ] = False,
+    web: Annotated[
+        bool, typer.Option("--web", help="Also serve the browser viewer (her2scope web) and print its address.")
+    ] = False,
+    web_port: Annotated[
+        int, typer.Option("--web-port", min=0, max=65535, help="The browser viewer's loopback port (0: any free one).")
+    ] = 8765,
 ) -> None:
     """Run the whole system on the simulated microscope: a scripted case, its score and its report."""
     from her2scope.clients.demo import DemoError, run_demo
 
     try:
-        run_demo(out, fields=fields, window=window, keep_running=keep_running)
+        run_demo(out, fields=fields, window=window, keep_running=keep_running, web_port=web_port if web else None)
     except DemoError as error:
         raise _fail(str(error)) from None
 
@@ -356,6 +362,76 @@ def view(
             pass
         except OSError as error:
             raise _fail(f"{error.filename or out}: {error.strerror or error}") from None
+
+
+@app.command()
+def web(
+    config: ConfigOption = None,
+    daemon_state: DaemonStateOption = None,
+    key: KeyOption = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; beyond loopback it needs TLS or --insecure-remote.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")] = 8765,
+    control: Annotated[
+        bool, typer.Option("--control", help="Let browsers with the token capture, exclude, draw ROIs, start cases.")
+    ] = False,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="File holding the control token [default: $HER2SCOPE_WEB_TOKEN, else one is made and shown once].",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="TLS certificate chain (PEM): serve HTTPS.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="The TLS certificate's private key (PEM).")] = None,
+    insecure_remote: Annotated[
+        bool,
+        typer.Option("--insecure-remote", help="Serve beyond loopback without TLS (images and token unencrypted)."),
+    ] = False,
+    json_logs: JsonLogsOption = None,
+) -> None:
+    """Serve the viewer to browsers: live view, last FOV with its layers, case score, FOV table, status (read-only
+    unless --control). Prints `serving URL` once listening; Ctrl-C or SIGTERM stops."""
+    import asyncio
+    import os
+
+    from her2scope.clients import viewer
+    from her2scope.clients import web as browser
+    from her2scope.clients.control import ControlError, daemon_curve
+    from her2scope.config.app import ConfigError
+    from her2scope.logs import configure_logging
+
+    try:
+        tls = browser.tls_context(tls_cert, tls_key)
+        browser.check_binding(host, tls is not None, insecure_remote)
+        token, token_made = browser.control_token(control, token_file, os.environ.get("HER2SCOPE_WEB_TOKEN"))
+        endpoints, endpoints_dir, heartbeat_s = viewer.resolve_endpoints(config, daemon_state)
+        curve = daemon_curve(config, daemon_state, key)
+    except (ValueError, ConfigError, ControlError) as error:  # AccessError and CurveError are ValueErrors
+        raise _fail(str(error)) from None
+    configure_logging(json_logs)
+    if not browser.is_loopback(host) and tls is None:
+        import structlog
+
+        structlog.get_logger("her2scope.web").warning(
+            "web_insecure_remote", host=host, why="patient images and the control token travel unencrypted"
+        )
+    settings = browser.WebSettings(host=host, port=port, control=control, token=token, tls=tls)
+
+    def open_link() -> viewer.DaemonLink:
+        return viewer.DaemonLink(endpoints, endpoints_dir=endpoints_dir, heartbeat_ms=heartbeat_s * 1000.0, curve=curve)
+
+    def say(line: str) -> None:
+        typer.echo(line)
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(browser.serve(settings, open_link, say, token_made))
+    except browser.WebError as error:
+        raise _fail(str(error)) from None
 
 
 @app.command()
