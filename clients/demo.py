@@ -1,8 +1,9 @@
 """``her2scope demo``: the whole system on the simulated microscope, running a scripted case by itself.
 
-It starts the daemon, the recorder and (when there is a display) the viewer as real processes on random loopback
-ports, then plays the pathologist: starts a case, captures the positive control, captures tumour fields one by
-one, closes the case; and prints each result, the final score and the path of the recorder's report.
+It starts the daemon, the recorder, (when there is a display) the viewer and (``--web``) the browser viewer as real
+processes on loopback ports, then plays the pathologist: starts a case, captures the positive control, captures
+tumour fields one by one, closes the case; and prints each result, the final score and the path of the recorder's
+report.
 """
 
 from __future__ import annotations
@@ -106,9 +107,17 @@ def _wait(predicate: Callable[[], Any], what: str, processes: _Processes, timeou
 
 
 def run_demo(
-    out: Path, *, fields: int = 5, window: bool | None = None, keep_running: bool = False, echo: TextIO = sys.stdout
+    out: Path,
+    *,
+    fields: int = 5,
+    window: bool | None = None,
+    keep_running: bool = False,
+    web_port: int | None = None,
+    echo: TextIO = sys.stdout,
 ) -> Path:
-    """Run the scripted case; return the path of the recorder's report. Raises DemoError when a part fails."""
+    """Run the scripted case; return the path of the recorder's report. Raises DemoError when a part fails.
+
+    ``web_port``: also serve the browser viewer (``her2scope web``) on this loopback port (0: any free one)."""
     out = out.expanduser().resolve()
     run_dir = out / dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     state = run_dir / "daemon-state"
@@ -137,6 +146,15 @@ def run_demo(
             processes.start(
                 "viewer", ["view", "--config", str(config), "--daemon-state", str(state)], run_dir / "viewer.log"
             )
+        if web_port is not None:
+            web_log = run_dir / "web.log"
+            processes.start(
+                "browser viewer",
+                ["web", "--config", str(config), "--daemon-state", str(state), "--port", str(web_port)],
+                web_log,
+            )
+            url = _wait(lambda: _serving(web_log), "the browser viewer to serve", processes)
+            say(f"browser viewer: {url}")
         with (
             ControlClient(endpoints["control"], timeout_ms=20_000) as control,
             Subscriber(endpoints["publish"], [Topic.RESULT.value]) as results,
@@ -191,6 +209,14 @@ def run_demo(
         raise DemoError(f"the daemon did not answer: {error}; see {run_dir / 'daemon.log'}") from None
     finally:
         processes.stop()
+
+
+def _serving(log: Path) -> str | None:
+    """The URL ``her2scope web`` printed once it listens (its first line ``serving URL``), if it has yet."""
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("serving "):
+            return line.removeprefix("serving ").strip()
+    return None
 
 
 def _arrived(control: ControlClient, target: str) -> bool:

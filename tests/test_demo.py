@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,32 @@ def test_a_port_in_use_does_not_matter_the_demo_picks_free_ones(tmp_path: Path) 
         busy.bind(("127.0.0.1", 5561))
         done = run_demo(tmp_path / "demo", "--no-window")
     check_case(done, tmp_path / "demo")
+
+
+def test_the_demo_with_web_serves_the_browser_viewer_beside_the_case(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "her2scope", "demo", "--out", str(tmp_path / "demo"), "--fields", "3"),
+            *("--no-window", "--web", "--web-port", "0"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=die_with_parent,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    settings = None
+    for line in process.stdout:  # the demo prints the address before the case starts, and serves until it ends
+        lines.append(line)
+        if line.startswith("browser viewer: ") and settings is None:
+            url = line.removeprefix("browser viewer: ").strip()
+            with urllib.request.urlopen(url + "api/settings", timeout=30) as response:
+                settings = json.loads(response.read())
+    process.stdout.close()
+    assert process.wait(timeout=240) == 0, "".join(lines)
+    assert settings is not None and settings["control"] is False, "".join(lines)  # read-only beside the demo
+    assert any(line.startswith("CASE HER2 IHC") for line in lines)
+    web_log = next((tmp_path / "demo").glob("run-*/web.log")).read_text()
+    assert "Traceback" not in web_log and "web_stopped" in web_log
