@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from bench.bench_daemon import rss_mib
 from her2scope.clients.cli import app
-from her2scope.clients.viewer import ImageFetched, apply, composite_image
+from her2scope.clients.viewer import ImageFetched, Tick, apply, composite_image
 from her2scope.clients.viewer.content import case_lines, fov_table, status_segments
 from her2scope.clients.web import (
     AccessError,
@@ -42,7 +42,7 @@ from her2scope.clients.web import (
     make_app,
     view_model,
 )
-from her2scope.clients.web.server import Bridge, Update
+from her2scope.clients.web.server import Bridge, Update, _changed
 from tests.helpers.daemon import running_daemon, wait_for
 from tests.helpers.images import read_image
 from tests.helpers.processes import ROOT
@@ -84,6 +84,14 @@ def test_the_view_model_says_what_the_opencv_viewer_says() -> None:
     assert model["fov"]["shape"] == [1080, 1920] and "fetched" in model["fov"]["version"]
     assert model["titles"]["fov"]["text"].startswith("fov-001")
     assert model["responding"] is True
+
+
+def test_the_view_model_is_built_again_only_when_the_state_changed_beyond_the_clock() -> None:
+    daemon = Daemonish()
+    state = connected(daemon)
+    assert _changed(None, state)
+    assert not _changed(state, apply(state, Tick(state.now + 5.0)))
+    assert _changed(state, apply(state, daemon.status(stability="moving")))
 
 
 def test_colours_are_converted_from_bgr_to_css() -> None:

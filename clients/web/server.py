@@ -198,11 +198,18 @@ class Bridge(threading.Thread):
             state = link.start(self.state)
             sent_model: bytes = b""
             sent_frame: tuple[str | None, int] = (None, -1)
+            modelled, modelled_at = None, 0.0
             while not self._stopping.is_set():
                 state = self._commands_of(link, state)
                 state = link.poll(state, self.POLL_MS)
                 self.state = state
-                model = json.dumps(view_model(state), separators=(",", ":"), ensure_ascii=False).encode()
+                # the model is built again only when the state changed (beyond the clock), or each second while the
+                # daemon is silent (the page counts the seconds): most turns of the loop bring nothing
+                if _changed(modelled, state) or (not state.responding and state.now - modelled_at >= 1.0):
+                    model = json.dumps(view_model(state), separators=(",", ":"), ensure_ascii=False).encode()
+                    modelled, modelled_at = state, state.now
+                else:
+                    model = sent_model
                 frame = (state.preview_session, state.preview_frame_index)
                 preview = _jpeg(state.preview) if frame != sent_frame and state.preview is not None else None
                 if model != sent_model or preview is not None:
@@ -217,6 +224,16 @@ class Bridge(threading.Thread):
                 return state
             state, replied = link.send(state, pending.action)
             pending.done(replied)
+
+
+#: What the page shows depends on every field of the state but the clock.
+_SHOWN_FIELDS = tuple(name for name in ViewerState.__dataclass_fields__ if name != "now")
+
+
+def _changed(before: ViewerState | None, state: ViewerState) -> bool:
+    """Whether ``state`` differs from ``before`` other than by its clock. The state is immutable and the reducer
+    replaces only what changes, so a field that is the same object is unchanged."""
+    return before is None or any(getattr(before, name) is not getattr(state, name) for name in _SHOWN_FIELDS)
 
 
 def _jpeg(image: np.ndarray[Any, Any]) -> bytes | None:
