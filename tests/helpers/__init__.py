@@ -10,4 +10,6 @@ module or from ``conftest.py`` (which holds the pytest fixtures only).
   the case folder it writes (``read_docs``, ``wait_for_docs``).
 - ``images``: ``read_image``, ``cv2.imread`` that fails the test when a file cannot be read.
 - ``viewer``: the frames the daemon publishes, made in the test process (``Daemonish``), and a connected viewer state.
+- ``web``: ``her2scope web`` as a process beside such a daemon (``running_web``) and headless Chromium driven by
+  Selenium through the system's chromedriver (``headless_chromium``, ``needs_chromium``).
 """
