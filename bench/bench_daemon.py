@@ -122,6 +122,36 @@ def measure_live(pid: int, seconds: float) -> tuple[float, float, float]:
     return 100.0 * daemon_share, 100.0 * worker_share, rss_mib(pid)
 
 
+def measure_captures(
+    control: ControlClient, drain: Drain, captures: int
+) -> tuple[list[float], list[float], list[float]]:
+    """Send ``captures`` capture requests one at a time on a still field; per capture, in ms: the time from the
+    request to its result on the SUB socket, the daemon's own trigger -> result, and the worker's scoring."""
+    round_trip: list[float] = []
+    in_daemon: list[float] = []
+    scoring: list[float] = []
+    for _ in range(captures):
+        sent = time.perf_counter()
+        fov_id = control.call("capture")["fov_id"]
+        while fov_id not in drain.results:
+            if time.perf_counter() - sent > 30:
+                raise SystemExit(f"no result for {fov_id}")
+            time.sleep(0.001)
+        arrived, latency, score_ms = drain.results[fov_id]
+        round_trip.append((arrived - sent) * 1000.0)
+        if latency is not None:
+            in_daemon.append(latency)
+        if score_ms is not None:
+            scoring.append(score_ms)
+        # the worker draws the overlay after the result: the next capture waits for it, as a pathologist looks at
+        # one FOV before the next
+        while fov_id not in drain.overlays:
+            if time.perf_counter() - sent > 30:
+                raise SystemExit(f"no overlay for {fov_id}")
+            time.sleep(0.001)
+    return round_trip, in_daemon, scoring
+
+
 @contextmanager
 def running_daemon(
     prefix: str, width: int = 1920, height: int = 1080, pixel_size_um: float = 0.25
@@ -183,28 +213,7 @@ def main() -> None:
             while control.call("stage", action="status")["stage"]["state"] != "held":
                 time.sleep(0.1)
 
-            round_trip: list[float] = []
-            in_daemon: list[float] = []
-            scoring: list[float] = []
-            for _ in range(args.captures):
-                sent = time.perf_counter()
-                fov_id = control.call("capture")["fov_id"]
-                while fov_id not in drain.results:
-                    if time.perf_counter() - sent > 30:
-                        raise SystemExit(f"no result for {fov_id}")
-                    time.sleep(0.001)
-                arrived, latency, score_ms = drain.results[fov_id]
-                round_trip.append((arrived - sent) * 1000.0)
-                if latency is not None:
-                    in_daemon.append(latency)
-                if score_ms is not None:
-                    scoring.append(score_ms)
-                # the worker draws the overlay after the result: the next capture waits for it, as a pathologist
-                # looks at one FOV before the next
-                while fov_id not in drain.overlays:
-                    if time.perf_counter() - sent > 30:
-                        raise SystemExit(f"no overlay for {fov_id}")
-                    time.sleep(0.001)
+            round_trip, in_daemon, scoring = measure_captures(control, drain, args.captures)
 
             rss: list[tuple[float, float]] = []
             control.call("stage", action="resume")
