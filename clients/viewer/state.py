@@ -108,6 +108,10 @@ class ViewerState:
     status_seq: int = 0
     case: CaseSummary = EMPTY_CASE
     preview: Image | None = None
+    preview_jpeg: bytes | None = None  # the preview as the daemon sent it
+    # False: a client that hands the images on rather than drawing them (the browser viewer, whose page decodes the
+    # previews and blends the layers): no preview is decoded and no composite is blended here
+    draws: bool = True
     preview_frame_index: int = -1
     preview_session: str | None = None
     preview_body: Mapping[str, Any] | None = None
@@ -334,13 +338,16 @@ def _apply_preview(state: ViewerState, message: Message) -> ViewerState:
     same_session = message.header.session == state.preview_session
     if same_session and body.frame_index <= state.preview_frame_index:
         return state  # stale: an older frame never replaces a newer one
-    image = _decode_image(message.payload("preview"), cv2.IMREAD_COLOR)
+    jpeg = message.payload("preview")
+    # decoding a 1080p frame costs a few ms a frame: done only for a client that draws it
+    image = _decode_image(jpeg, cv2.IMREAD_COLOR) if state.draws else None
     big, follows = state.big, state.big_follows
     if follows and big == "fov" and body.stability == "moving" and state.mode == "view":
         big = "live"  # the slide moves again: back to the live view
     return dataclasses.replace(
         state,
         preview=image,
+        preview_jpeg=jpeg,
         preview_frame_index=body.frame_index,
         preview_session=message.header.session,
         preview_body=body.model_dump(),
@@ -351,7 +358,10 @@ def _apply_preview(state: ViewerState, message: Message) -> ViewerState:
 def _apply_capture(state: ViewerState, message: Message) -> ViewerState:
     body = message.body
     assert isinstance(body, CaptureBody)
-    fov = FovView(body.fov_id, body.kind, message.header.case_id, base=state.preview)
+    base = state.preview
+    if base is None and state.preview_jpeg is not None:  # a client that decodes no preview decodes this one
+        base = _decode_image(state.preview_jpeg, cv2.IMREAD_COLOR)
+    fov = FovView(body.fov_id, body.kind, message.header.case_id, base=base)
     state = _store_fov(state, fov)
     if state.mode != "view":
         return state
@@ -422,7 +432,7 @@ def _show(state: ViewerState, fov_id: str | None) -> ViewerState:
 def _refresh_composite(state: ViewerState) -> ViewerState:
     """Keep the shown FOV's composite up to date (so that rendering it is a resize)."""
     fov = state.fovs.get(state.shown_fov or "")
-    if fov is None or (fov.composite is not None and fov.composite_layers == state.visible_layers):
+    if not state.draws or fov is None or (fov.composite is not None and fov.composite_layers == state.visible_layers):
         return state
     composite = composite_image(fov, state.visible_layers)
     if composite is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import queue
 import signal
@@ -45,7 +46,6 @@ MAX_BODY_BYTES = 64 * 1024  # a command, or an ROI of a few hundred corners
 MAX_CLIENTS = 64  # open WebSockets; one more is refused (each holds at most a view model and a preview)
 MAX_ROI_CORNERS = 500
 COMMAND_TIMEOUT_S = 10.0
-PREVIEW_JPEG_QUALITY = 85
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'",
@@ -172,7 +172,9 @@ class Bridge(threading.Thread):
         self._publish = publish
         self._commands: queue.Queue[_Pending] = queue.Queue(self.MAX_QUEUED_COMMANDS)
         self._stopping = threading.Event()
-        self.state = initial_state(time.monotonic())
+        # previews go to the browsers as the daemon encoded them and the page blends the layers: this process decodes
+        # no preview and blends no composite
+        self.state = dataclasses.replace(initial_state(time.monotonic()), draws=False)
 
     def submit(self, action: Send, done: Callable[[Replied], None]) -> bool:
         """Queue a command for the daemon; ``done`` gets the reply (in this thread). False when too many wait."""
@@ -211,7 +213,7 @@ class Bridge(threading.Thread):
                 else:
                     model = sent_model
                 frame = (state.preview_session, state.preview_frame_index)
-                preview = _jpeg(state.preview) if frame != sent_frame and state.preview is not None else None
+                preview = state.preview_jpeg if frame != sent_frame else None
                 if model != sent_model or preview is not None:
                     self._publish(Update(state, model, preview))
                     sent_model, sent_frame = model, frame
@@ -234,11 +236,6 @@ def _changed(before: ViewerState | None, state: ViewerState) -> bool:
     """Whether ``state`` differs from ``before`` other than by its clock. The state is immutable and the reducer
     replaces only what changes, so a field that is the same object is unchanged."""
     return before is None or any(getattr(before, name) is not getattr(state, name) for name in _SHOWN_FIELDS)
-
-
-def _jpeg(image: np.ndarray[Any, Any]) -> bytes | None:
-    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY])
-    return data.tobytes() if ok else None
 
 
 # --- the HTTP server ----------------------------------------------------------------------------------------------
@@ -345,7 +342,8 @@ async def _websocket(request: web.Request) -> web.WebSocketResponse:
     server = request.app[SERVER]
     if len(server.sockets) >= MAX_CLIENTS:
         raise web.HTTPServiceUnavailable(text=f"{MAX_CLIENTS} browsers are connected already\n")
-    socket = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096)
+    # no per-message deflate: previews are JPEG already, and deflating them for every tab would cost a core
+    socket = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096, compress=False)
     await socket.prepare(request)
     channel = server.hub.join()
     server.sockets.add(socket)
