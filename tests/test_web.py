@@ -388,9 +388,14 @@ def test_with_control_and_the_token_the_page_captures_and_draws_an_roi(tmp_path:
         driver.find_element("css selector", "#controls button[data-command='start-case']").click()
         wait.until(lambda d: _text_of(d, "#case-id").startswith("case "))
         wait.until(lambda d: "camera live" in _text_of(d, "#status"))
+        # a preview shown: the daemon holds a live frame (the camera says live a moment before), a capture is taken
+        wait.until(lambda d: int(d.execute_script("return document.body.dataset.previews || '0'")) > 0)
         before = len(_fov_rows(driver))
         driver.find_element("css selector", "#controls button[data-command='capture']").click()
-        wait.until(lambda d: len(_fov_rows(d)) == before + 1)
+        wait.until(
+            lambda d: len(_fov_rows(d)) == before + 1,
+            message=f"no FOV row after the capture (notice at the click: {_text_of(driver, '#notice')})",
+        )
         fov_id = _fov_rows(driver)[-1]
         assert [f["fov_id"] for f in daemon.control.call("snapshot")["case"]["fovs"]] == [fov_id]
 

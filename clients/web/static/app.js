@@ -4,7 +4,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const page = { settings: null, token: null, visible: new Set(), fov: null, roi: null, previewUrl: null, model: null };
+const page = {
+  settings: null, token: null, visible: new Set(), fov: null, roi: null, previewUrl: null, previews: 0, model: null,
+};
 
 function element(tag, attributes = {}, text = "") {
   const node = document.createElement(tag);
@@ -170,6 +172,8 @@ function showPreview(data) {
   page.previewUrl = url;
   live.hidden = false;
   $("live-empty").hidden = true;
+  page.previews += 1;
+  document.body.dataset.previews = String(page.previews); // for tests and scripts that watch the page
 }
 
 // --- the connection: reconnects with backoff, and says so ------------------------------------------------------
