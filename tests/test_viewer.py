@@ -347,6 +347,34 @@ def test_a_malformed_message_is_counted_and_skipped(frames: list[bytes]) -> None
     assert "1 malformed messages skipped" in viewer.terminal_summary(after)
 
 
+def test_a_client_that_hands_images_on_keeps_the_daemons_png_and_decodes_nothing() -> None:
+    """The browser viewer's state (draws=False): overlay layers stay the daemon's PNG bytes, checked by their header,
+    no preview is decoded and no composite blended; the preview at capture still stands in for the FOV."""
+    daemon = Daemonish()
+    state = dataclasses.replace(connected(daemon), draws=False)
+    frame = np.full((60, 80, 3), 128, np.uint8)
+    state = apply(state, daemon.preview(1, frame))
+    assert state.preview is None and state.preview_jpeg is not None
+    state = apply(state, daemon.capture("fov-001"))
+    assert state.fovs["fov-001"].base is not None  # decoded from the JPEG at capture only
+    layers = _layers()
+    overlay = daemon.overlay("fov-001", layers)
+    shown = apply(state, overlay)
+    fov = shown.fovs["fov-001"]
+    assert fov.layers == {} and fov.composite is None
+    assert set(fov.layer_files) == set(layers) and fov.layer_files[next(iter(layers))] == overlay[2]
+    assert fov.overlay_shape == next(iter(layers.values())).shape[:2]
+    broken = daemon.overlay("fov-001", layers)
+    broken[2] = b"not a png"
+    after = apply(state, broken)
+    assert after.malformed == 1 and after.fovs["fov-001"].layer_files == {}
+    wrong_size = daemon.overlay("fov-001", {name: layer[:-1] for name, layer in layers.items()})
+    header = json.loads(wrong_size[1])
+    header["body"]["height"] += 1  # says one row more than its PNGs have
+    wrong_size[1] = json.dumps(header).encode()
+    assert apply(state, wrong_size).malformed == 1
+
+
 def test_well_framed_messages_with_bad_content_are_skipped_too() -> None:
     daemon = Daemonish()
     state = apply(connected(daemon), daemon.capture("fov-001"))

@@ -74,7 +74,9 @@ class FovView:
         The FOV downscaled for display: the preview at capture, then the lossless image from the daemon.
     shape : (rows, cols) of the full-resolution FOV, known once its image was fetched; polygons need it.
     image : whether the lossless image is still ``"wanted"``, ``"fetched"`` or ``"failed"``.
-    layers : overlay layer name -> (H, W, 4) uint8 BGRA ndarray, at the overlay's size.
+    layers : overlay layer name -> (H, W, 4) uint8 BGRA ndarray, at the overlay's size (a client that draws).
+    layer_files : overlay layer name -> the layer's PNG as the daemon sent it (a client that hands it on).
+    overlay_shape : (rows, cols) of the overlay, once it came.
     composite : ``base`` with the visible layers blended in, at the overlay's size (None: compute when drawn).
     """
 
@@ -85,6 +87,8 @@ class FovView:
     shape: tuple[int, int] | None = None
     image: Literal["wanted", "fetched", "failed"] = "wanted"
     layers: Mapping[str, Image] = field(default_factory=dict)
+    layer_files: Mapping[str, bytes] = field(default_factory=dict)
+    overlay_shape: tuple[int, int] | None = None
     overlay_seq: int = -1
     composite: Image | None = None
     composite_layers: tuple[str, ...] | None = None
@@ -382,18 +386,45 @@ def _apply_overlay(state: ViewerState, message: Message) -> ViewerState:
             return state
         fov = FovView(body.fov_id, body.kind, message.header.case_id)
     layers: dict[str, Image] = {}
+    files: dict[str, bytes] = {}
     for name in body.layers:
-        layer = _decode_image(message.payload(name), cv2.IMREAD_UNCHANGED)
-        if layer.ndim != 3 or layer.shape[2] != 4 or layer.shape[:2] != (body.height, body.width):
-            raise ValueError(f"overlay layer {name!r} is {layer.shape}, expected ({body.height}, {body.width}, 4)")
-        layers[name] = layer
+        data = message.payload(name)
+        if state.draws:
+            layer = _decode_image(data, cv2.IMREAD_UNCHANGED)
+            shape = layer.shape
+            layers[name] = layer
+        else:  # handed on as it is: only its header is read
+            shape = _png_shape(data)
+            files[name] = data
+        if len(shape) != 3 or shape[2] != 4 or shape[:2] != (body.height, body.width):
+            raise ValueError(f"overlay layer {name!r} is {shape}, expected ({body.height}, {body.width}, 4)")
     base = fov.base
     if base is not None and base.shape[1] > body.width:  # keep it at the overlay's size: less to blend per frame
         base = np.asarray(cv2.resize(base, (body.width, body.height), interpolation=cv2.INTER_AREA), np.uint8)
         base.flags.writeable = False
-    fov = dataclasses.replace(fov, base=base, layers=layers, overlay_seq=message.header.seq, composite=None)
+    fov = dataclasses.replace(
+        fov,
+        base=base,
+        layers=layers,
+        layer_files=files,
+        overlay_shape=(body.height, body.width),
+        overlay_seq=message.header.seq,
+        composite=None,
+    )
     state = _store_fov(state, fov)
     return _show(state, body.fov_id) if state.shown_fov is None else _refresh_composite(state)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type: grey, RGB, palette, grey + alpha, RGB + alpha
+
+
+def _png_shape(data: bytes) -> tuple[int, ...]:
+    """(rows, cols, channels) of an 8-bit PNG from its header (IHDR), without decoding it."""
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or data[24] != 8:
+        raise ValueError("an overlay layer is not an 8-bit PNG")
+    cols, rows = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return (rows, cols, _PNG_CHANNELS.get(data[25], 0))
 
 
 def _apply_image(state: ViewerState, event: ImageFetched) -> ViewerState:
@@ -405,8 +436,7 @@ def _apply_image(state: ViewerState, event: ImageFetched) -> ViewerState:
         state = with_notice(state, f"the image of {event.fov_id} is not available: {event.error}", error=True)
         return _store_fov(state, fov)
     rows, cols = event.image.shape[:2]
-    layer = next(iter(fov.layers.values()), None)
-    width = layer.shape[1] if layer is not None else min(cols, 1280)
+    width = fov.overlay_shape[1] if fov.overlay_shape is not None else min(cols, 1280)
     base = event.image
     if width < cols:
         base = np.asarray(cv2.resize(base, (width, max(1, round(rows * width / cols))), interpolation=cv2.INTER_AREA))
@@ -455,7 +485,7 @@ def image_wanted(state: ViewerState) -> str | None:
     if state.mode != "view" and state.mode_fov == fov.fov_id:
         return fov.fov_id
     written = state.status_seq > fov.overlay_seq and not (state.status or {}).get("unsaved_images")
-    return fov.fov_id if fov.layers and written else None
+    return fov.fov_id if fov.overlay_shape is not None and written else None
 
 
 def composite_image(fov: FovView, visible: Sequence[str]) -> Image | None:
@@ -660,6 +690,6 @@ def fov_display_rect(state: ViewerState, size: Size) -> Rect | None:
 
 
 def _fov_display_shape(fov: FovView) -> tuple[int, int] | None:
-    layer = next(iter(fov.layers.values()), None)
-    source = layer if layer is not None else fov.base
-    return None if source is None else (source.shape[0], source.shape[1])
+    if fov.overlay_shape is not None:
+        return fov.overlay_shape
+    return None if fov.base is None else (fov.base.shape[0], fov.base.shape[1])

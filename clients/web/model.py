@@ -48,8 +48,8 @@ def _shown_fov(state: ViewerState) -> dict[str, Any] | None:
         "id": fov.fov_id,
         "kind": fov.kind,
         "version": fov_version(fov),
-        "layers": [name for name in LAYER_NAMES if name in fov.layers],
-        "has_image": fov.base is not None or bool(fov.layers),
+        "layers": [name for name in LAYER_NAMES if name in fov.layer_files or name in fov.layers],
+        "has_image": fov.base is not None or fov.overlay_shape is not None,
         "shape": list(fov.shape) if fov.shape is not None else None,  # full resolution, once its image is fetched
         "excluded": bool(entry is not None and entry.excluded),
     }

@@ -313,8 +313,10 @@ async def _picture(request: web.Request) -> web.Response:
     fov_id, layer = request.match_info["fov_id"], request.match_info.get("layer", "")
     state = server.hub.state
     fov = state.fovs.get(fov_id) if state is not None else None
-    if fov is None or (layer and layer not in fov.layers):
+    if fov is None or (layer and layer not in fov.layer_files and layer not in fov.layers):
         raise web.HTTPNotFound(text=f"no picture {layer or 'image'} of {fov_id}\n")
+    if layer in fov.layer_files:  # the daemon's PNG as it came
+        return web.Response(body=fov.layer_files[layer], content_type="image/png", headers=_CACHE_HEADERS)
     key = (fov_id, fov_version(fov), layer)
     png = server.pictures.get(key)
     if png is None:
@@ -327,7 +329,11 @@ async def _picture(request: web.Request) -> web.Response:
         while len(server.pictures) > server.MAX_PICTURES:
             server.pictures.popitem(last=False)
     server.pictures.move_to_end(key)
-    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    return web.Response(body=png, content_type="image/png", headers=_CACHE_HEADERS)
+
+
+#: Pictures are addressed by the FOV's version: a browser may keep each one.
+_CACHE_HEADERS = {"Cache-Control": "private, max-age=3600"}
 
 
 def _png(image: np.ndarray[Any, Any]) -> bytes:
