@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import multiprocessing.context
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,17 +34,21 @@ control = "{control}"
 """
 
 
-class Tabs(threading.Thread):
-    """``count`` WebSocket clients of the browser viewer, in a thread of their own, reading every message."""
+_SPAWN = multiprocessing.get_context("spawn")  # a fresh interpreter: the parent has ZeroMQ threads
+
+
+class Tabs(multiprocessing.context.SpawnProcess):
+    """``count`` WebSocket clients of the browser viewer, reading every message, in a process of their own: as tabs
+    in browsers, they do not share the interpreter (and its lock) of the subscriber that times the results."""
 
     def __init__(self, url: str, count: int) -> None:
         super().__init__(daemon=True)
         self.url, self.count = url, count
-        self.models = [0] * count
-        self.previews = [0] * count
-        self.bytes = 0
-        self.connected = threading.Event()
-        self.stop = threading.Event()
+        self.models = _SPAWN.Array("q", count)
+        self.previews = _SPAWN.Array("q", count)
+        self.received = _SPAWN.Value("q", 0)  # bytes
+        self.connected = _SPAWN.Event()
+        self.stop = _SPAWN.Event()
 
     def run(self) -> None:
         asyncio.run(self._all())
@@ -63,10 +68,12 @@ class Tabs(threading.Thread):
         async for message in socket:
             if message.type == WSMsgType.TEXT:
                 self.models[index] += 1
-                self.bytes += len(message.data)
             elif message.type == WSMsgType.BINARY:
                 self.previews[index] += 1
-                self.bytes += len(message.data)
+            else:
+                continue
+            with self.received.get_lock():
+                self.received.value += len(message.data)
 
 
 def _report(name: str, values: list[float]) -> str:
@@ -113,10 +120,13 @@ def main() -> None:
                     raise SystemExit("the tabs could not connect")
                 time.sleep(2.0)
                 rss_start, cpu_start, started = rss_mib(web.pid), cpu_seconds(web.pid), time.monotonic()
+                assert tabs.pid is not None
+                tabs_cpu_start = cpu_seconds(tabs.pid)
                 daemon_cpu_start = cpu_seconds(pid)
                 shared, shared_daemon, _ = measure_captures(control, drain, args.captures)
                 elapsed = time.monotonic() - started
                 web_cpu = 100.0 * (cpu_seconds(web.pid) - cpu_start) / elapsed
+                tabs_cpu = 100.0 * (cpu_seconds(tabs.pid) - tabs_cpu_start) / elapsed
                 daemon_cpu = 100.0 * (cpu_seconds(pid) - daemon_cpu_start) / elapsed
                 rss_end = rss_mib(web.pid)
                 tabs.stop.set()
@@ -133,18 +143,19 @@ def main() -> None:
         drain.stop.set()
         drain.join(timeout=5)
 
+    models, previews = list(tabs.models[:]), list(tabs.previews[:])
     print(json.dumps({"frames": "1920x1080 @ 30 fps, 0.25 um/px", "captures": args.captures, "tabs": args.tabs}))
     print(_report("no browser viewer,     trigger -> result (SUB)", alone))
     print(_report(f"web + {args.tabs} tabs,          trigger -> result (SUB)", shared))
     print(_report("no browser viewer,     trigger -> result (daemon)", alone_daemon))
     print(_report(f"web + {args.tabs} tabs,          trigger -> result (daemon)", shared_daemon))
     print(
-        f"during the captures with the tabs: web CPU {web_cpu:.0f}% of one core, daemon CPU {daemon_cpu:.0f}%; "
-        f"web RSS {rss_start:.0f} -> {rss_end:.0f} MiB"
+        f"during the captures with the tabs: web CPU {web_cpu:.0f}% of one core, the tabs' {tabs_cpu:.0f}%, daemon "
+        f"CPU {daemon_cpu:.0f}%; web RSS {rss_start:.0f} -> {rss_end:.0f} MiB"
     )
     print(
-        f"each tab received {min(tabs.models)}-{max(tabs.models)} view models and "
-        f"{min(tabs.previews)}-{max(tabs.previews)} previews ({tabs.bytes / 1e6:.0f} MB in all)"
+        f"each tab received {min(models)}-{max(models)} view models and "
+        f"{min(previews)}-{max(previews)} previews ({tabs.received.value / 1e6:.0f} MB in all)"
     )
 
 
