@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from her2scope.clients.control import ControlClient, Subscriber, read_endpoints
+from her2scope.clients.demo import terminate
 from her2scope.daemon.protocol import Topic
 
 CONFIG = """
@@ -176,11 +176,7 @@ def running_daemon(
             time.sleep(0.1)
         yield process.pid, read_endpoints(state)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        terminate(process, timeout_s=20.0)
         log.close()
 
 

@@ -15,7 +15,6 @@ import asyncio
 import json
 import multiprocessing
 import multiprocessing.context
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
 
 from bench.bench_daemon import Drain, cpu_seconds, measure_captures, percentile, rss_mib, running_daemon
 from her2scope.clients.control import ControlClient
+from her2scope.clients.demo import terminate
 
 WEB_CONFIG = """
 [daemon.zmq]
@@ -132,11 +132,7 @@ def main() -> None:
                 tabs.stop.set()
                 tabs.join(timeout=30)
             finally:
-                web.send_signal(signal.SIGTERM)
-                try:
-                    web.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    web.kill()
+                terminate(web, timeout_s=20.0)
                 if web.stdout is not None:
                     web.stdout.close()
                 log.close()

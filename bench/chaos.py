@@ -44,6 +44,7 @@ from typing import Any
 import zmq
 
 from her2scope.clients.control import ControlClient, ControlError, Subscriber, read_endpoints
+from her2scope.clients.demo import terminate
 from her2scope.daemon.protocol import Command, ProtocolError, Reply, Topic, command_args, parse_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,13 +238,7 @@ class DaemonProcess:
     def stop(self) -> None:
         """SIGTERM (a killed one is reaped), then SIGKILL if it does not end."""
         self.control.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        terminate(self.process, timeout_s=30.0)
 
 
 class RecorderProcess:
@@ -282,13 +277,7 @@ class RecorderProcess:
             os.kill(self.pid, signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        terminate(self.process, timeout_s=30.0)
 
 
 class Bench:

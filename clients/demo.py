@@ -88,11 +88,23 @@ class _Processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for _, process, _ in reversed(self.started):
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+            reap(process, timeout_s=30.0, kill_wait_s=5.0)
+
+
+def reap(process: subprocess.Popen[Any], timeout_s: float, kill_wait_s: float = 10.0) -> None:
+    """Wait up to ``timeout_s`` for ``process`` to end (after a SIGTERM), then SIGKILL it and wait for that."""
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=kill_wait_s)
+
+
+def terminate(process: subprocess.Popen[Any], timeout_s: float, kill_wait_s: float = 10.0) -> None:
+    """SIGTERM ``process`` (unless it has ended), then :func:`reap` it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    reap(process, timeout_s, kill_wait_s)
 
 
 def _wait(predicate: Callable[[], Any], what: str, processes: _Processes, timeout_s: float = DEADLINE_S) -> Any:
