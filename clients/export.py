@@ -29,9 +29,9 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from her2scope.clients.qupath import decode_rgb, geojson_path, ome_tiff_path, qupath_files, result_path
 from her2scope.clients.recorder import REPORT_FILE, CaseFolder, EventDoc, atomic_write
@@ -158,10 +158,8 @@ def fovs_csv(events: Sequence[EventDoc], excluded: set[str], rois: set[str]) -> 
 # --- the case --------------------------------------------------------------------------------------------------------
 
 
-def _read_results(case: Any) -> tuple[dict[str, FovResult], list[str]]:
+def _read_results(case: RecordedCase) -> tuple[dict[str, FovResult], list[str]]:
     """The whole result of every scored FOV: recorded, or scored again from its image; and notes on how."""
-    from pydantic import ValidationError
-
     results: dict[str, FovResult] = {}
     missing: list[str] = []
     for fov_id, event in case.latest.items():
@@ -221,10 +219,11 @@ def export_case(case_dir: Path, formats: Iterable[str] = FORMATS, *, pdf: bool =
                 png = image.read_bytes()
             except OSError as error:
                 raise ExportError(f"{image}: {error.strerror or error}") from None
-            if decode_rgb(png) is None:
+            rgb = decode_rgb(png)
+            if rgb is None:
                 raise ExportError(f"{image}: not a readable image")
             roi = case.rois.get(fov_id)
-            files |= qupath_files(fov_id, result, png, roi, f"{case.start.case_id}/{fov_id}")
+            files |= qupath_files(fov_id, result, rgb, roi, f"{case.start.case_id}/{fov_id}")
     if "csv" in chosen:
         events = list(case.latest.values())
         files[CELLS_CSV] = cells_csv(results).encode()

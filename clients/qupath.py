@@ -394,11 +394,14 @@ def decode_rgb(png: bytes | None) -> npt.NDArray[np.uint8] | None:
 
 
 def qupath_files(
-    fov_id: str, result: FovResult, image_png: bytes | None, roi: Sequence[Sequence[float]] | None, key: str
+    fov_id: str,
+    result: FovResult,
+    rgb: npt.NDArray[np.uint8] | None,
+    roi: Sequence[Sequence[float]] | None,
+    key: str,
 ) -> dict[str, bytes]:
-    """The QuPath files of one scored FOV, relative path → content: the GeoJSON, and the OME-TIFF when the image
-    can be read (without it the GeoJSON's frame is the cells' extent)."""
-    rgb = decode_rgb(image_png)
+    """The QuPath files of one scored FOV, relative path → content: the GeoJSON, and the OME-TIFF of its image
+    (``rgb``, :func:`decode_rgb`) when there is one (without it the GeoJSON's frame is the cells' extent)."""
     if rgb is not None:
         shape = (int(rgb.shape[0]), int(rgb.shape[1]))
     else:  # the image is not there (yet): the region's grid needs only to hold the cells

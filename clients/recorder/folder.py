@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from her2scope.clients.qupath import qupath_files, result_path
+from her2scope.clients.qupath import decode_rgb, qupath_files, result_path
 from her2scope.clients.recorder.documents import DOCUMENT, ActionDoc, EventDoc, Run, StopDoc, document_schema
 from her2scope.daemon.protocol import CaseSummary
 from her2scope.scoring.results import FovResult
@@ -260,9 +260,8 @@ class CaseFolder:
             return
         try:
             self.write_file(result_path(fov_id), result.model_dump_json().encode())
-            files = qupath_files(
-                fov_id, result, self.read_file(f"images/{fov_id}.png"), self.roi(fov_id), f"{self.case_id}/{fov_id}"
-            )
+            rgb = decode_rgb(self.read_file(f"images/{fov_id}.png"))
+            files = qupath_files(fov_id, result, rgb, self.roi(fov_id), f"{self.case_id}/{fov_id}")
         except Exception as error:  # the exports are derived data: the event and the image are the record
             log.error("export_failed", case_dir=str(self.path), fov=fov_id, error=f"{type(error).__name__}: {error}")
             return
