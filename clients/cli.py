@@ -364,6 +364,11 @@ def view(
             raise _fail(f"{error.filename or out}: {error.strerror or error}") from None
 
 
+#: ``her2scope web`` runs at this niceness above its parent's by default: when the daemon or its scoring worker and
+#: the web viewer both want a core, the scheduler gives the viewer about a tenth of the daemon's share.
+WEB_NICENESS = 10
+
+
 @app.command()
 def web(
     config: ConfigOption = None,
@@ -391,6 +396,16 @@ def web(
         bool,
         typer.Option("--insecure-remote", help="Serve beyond loopback without TLS (images and token unencrypted)."),
     ] = False,
+    nice: Annotated[
+        int,
+        typer.Option(
+            "--nice",
+            min=0,
+            max=19,
+            help="Lower this process's CPU priority by this much (0 keeps it): on the microscope PC the daemon and "
+            "its scoring worker go first.",
+        ),
+    ] = WEB_NICENESS,
     json_logs: JsonLogsOption = None,
 ) -> None:
     """Serve the viewer to browsers: live view, last FOV with its layers, case score, FOV table, status (read-only
@@ -420,6 +435,8 @@ def web(
             "web_insecure_remote", host=host, why="patient images and the control token travel unencrypted"
         )
     settings = browser.WebSettings(host=host, port=port, control=control, token=token, tls=tls)
+    # a wall screen's viewer must not delay a capture's result: the scheduler runs the daemon first when both wait
+    os.nice(nice)
 
     def open_link() -> viewer.DaemonLink:
         return viewer.DaemonLink(endpoints, endpoints_dir=endpoints_dir, heartbeat_ms=heartbeat_s * 1000.0, curve=curve)

@@ -27,7 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from typer.testing import CliRunner
 
 from bench.bench_daemon import rss_mib
-from her2scope.clients.cli import app
+from her2scope.clients.cli import WEB_NICENESS, app
 from her2scope.clients.viewer import ImageFetched, Tick, apply, composite_image
 from her2scope.clients.viewer.content import case_lines, fov_table, status_segments
 from her2scope.clients.web import (
@@ -309,6 +309,17 @@ def _layers_loaded(driver: Any) -> bool:
 def _fov_rows(driver: Any) -> list[str]:
     rows = driver.execute_script("return [...document.querySelectorAll('#fovs tr[data-fov]')].map(r => r.dataset.fov)")
     return [str(row) for row in rows]
+
+
+@pytest.mark.e2e
+def test_the_web_viewer_yields_the_cpu_to_the_daemon_unless_told_not_to(tmp_path: Path) -> None:
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    with running_daemon(tmp_path) as daemon:
+        with running_web(daemon, tmp_path) as web:
+            assert os.getpriority(os.PRIO_PROCESS, web.pid) == min(19, ours + WEB_NICENESS)
+        with running_web(daemon, tmp_path, "--nice", "0") as web:
+            assert os.getpriority(os.PRIO_PROCESS, web.pid) == ours
+        assert daemon.process.poll() is None and os.getpriority(os.PRIO_PROCESS, daemon.process.pid) == ours
 
 
 @pytest.mark.e2e
